@@ -1,0 +1,88 @@
+"""Backend registry and the ``impl=`` selector.
+
+Backends, fastest first for their device:
+
+* ``cuda``   CUDA C++ kernels in ``vocabsem_fast._C`` (GPU)
+* ``triton`` Triton kernels in ``vocabsem_fast.kernels`` (GPU)
+* ``cpu``    C++ kernels in ``vocabsem_fast._C`` (CPU)
+* ``torch``  the chunked pure-torch algorithm, on any device
+
+``"auto"`` takes the first available backend for the tensors' device; an explicit backend that
+cannot run raises ``RuntimeError`` saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .chunked import ChunkedBackend, torch_row_norms
+
+IMPLS = ("auto", "cuda", "triton", "cpu", "torch")
+_GPU_ORDER = ("cuda", "triton", "torch")
+_CPU_ORDER = ("cpu", "torch")
+
+
+@functools.cache
+def _extension():
+    """The private C++ module, or the reason it cannot be imported."""
+    try:
+        from .. import _C  # noqa: PLC0415
+    except ImportError as exc:  # not built (e.g. VOCABSEM_NO_EXTENSION=1) or built for another torch
+        return None, f"the C++ extension vocabsem_fast._C is not importable ({exc})"
+    return _C, None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine, or None when it can."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        return _extension()[1]
+    if name == "triton":
+        return "the triton backend has no kernels in this version of vocabsem_fast"
+    if name == "cuda":
+        ext, reason = _extension()
+        if ext is None:
+            return reason
+        if not getattr(ext, "with_cuda", False):
+            return "vocabsem_fast._C was built without CUDA (needs a CUDA build of torch and nvcc)"
+        return "the cuda backend has no kernels in this version of vocabsem_fast"
+    raise ValueError(f"impl must be one of {IMPLS}, got {name!r}")
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable here, fastest first (``"torch"`` is always among them)."""
+    return [name for name in ("cuda", "triton", "cpu", "torch") if unavailable_reason(name) is None]
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """The backend that runs for ``impl`` on tensors of ``device``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    gpu = device.type == "cuda"
+    if impl == "auto":
+        order = _GPU_ORDER if gpu else _CPU_ORDER
+        return next(name for name in order if unavailable_reason(name) is None)
+    reason = unavailable_reason(impl)
+    if reason is not None:
+        raise RuntimeError(f"impl={impl!r} is not available: {reason}")
+    if impl == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"impl='cpu' runs on CPU tensors only; the inputs are on {device}")
+    if impl in ("cuda", "triton") and not gpu:
+        raise RuntimeError(f"impl={impl!r} runs on CUDA tensors only; the inputs are on {device}")
+    return impl
+
+
+@functools.cache
+def get(name: str):
+    """The backend object behind a resolved name."""
+    if name == "torch":
+        return ChunkedBackend("torch", torch_row_norms)
+    if name == "cpu":
+        ext, reason = _extension()
+        if ext is None:
+            raise RuntimeError(f"impl='cpu' is not available: {reason}")
+        return ChunkedBackend("cpu", ext.row_norms)
+    raise RuntimeError(f"impl={name!r} is not available: {unavailable_reason(name)}")

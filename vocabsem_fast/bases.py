@@ -1,0 +1,186 @@
+"""Semantic bases: the latent vector the LM head maps closest to each token's one-hot.
+
+For an LM head L (V x d, logits = h @ L.T) the basis of token i is s_i = e_i (L.T)^+, row i of
+``pinv(L).T``. Computed in float64; a Hugging Face model's bases are cached on disk, keyed by a
+hash of its head weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ._validation import check_float, check_number
+
+_CACHE_FORMAT = "vocabsem_fast.semantic_bases/1"
+
+
+def semantic_bases(lm_head_weight: Tensor, *, rcond: float | None = None) -> Tensor:
+    """(V, d) semantic bases of an LM head ``lm_head_weight`` (V, d).
+
+    Equals ``torch.linalg.pinv(L.double(), rcond=rcond).T`` in L's dtype: row i is the latent
+    vector whose logits ``L @ s_i`` are the least-squares best approximation of the one-hot e_i.
+    ``rcond`` (relative to the largest singular value) zeroes small singular values of
+    rank-deficient heads; None keeps torch's default, ``max(V, d) * eps(float64)``.
+    """
+    check_float(lm_head_weight, "lm_head_weight")
+    if lm_head_weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must have shape (V, d), got {tuple(lm_head_weight.shape)}")
+    if lm_head_weight.shape[0] == 0 or lm_head_weight.shape[1] == 0:
+        raise ValueError(f"lm_head_weight is empty: shape {tuple(lm_head_weight.shape)}")
+    if rcond is not None:
+        rcond = check_number(rcond, "rcond", low=0.0)
+    weight = lm_head_weight.detach().double()
+    pinv = torch.linalg.pinv(weight) if rcond is None else torch.linalg.pinv(weight, rcond=rcond)
+    return pinv.T.contiguous().to(lm_head_weight.dtype)
+
+
+def default_cache_dir() -> Path:
+    """``$VOCABSEM_CACHE`` or ``~/.cache/vocabsem_fast``."""
+    root = os.environ.get("VOCABSEM_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "vocabsem_fast"
+
+
+def tensor_sha256(t: Tensor) -> str:
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def lm_head_weight(model) -> Tensor:
+    """The (V, d) unembedding matrix of a Hugging Face causal LM, tied or not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise TypeError(f"{type(model).__name__} has no output embedding (LM head) with a weight")
+    return head.weight
+
+
+class SemanticBasis:
+    """The semantic bases of one model's vocabulary, with helpers to look up words.
+
+    ``vectors`` is (V, d). ``token_ids(words)`` maps label words to vocabulary ids (the token of
+    ``" word"``; its last token when it splits) and ``for_words(words)`` returns their bases.
+    """
+
+    def __init__(self, vectors: Tensor, *, tokenizer=None, head_sha256: str | None = None):
+        self.vectors = vectors
+        self.tokenizer = tokenizer
+        self.head_sha256 = head_sha256
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def __repr__(self) -> str:
+        v, d = self.vectors.shape
+        return f"SemanticBasis(V={v}, d={d}, dtype={self.vectors.dtype})"
+
+    @classmethod
+    def from_model(cls, model, *, cache_dir: str | os.PathLike | None = None, tokenizer=None,
+                   rcond: float | None = None) -> SemanticBasis:
+        """Bases of a Hugging Face causal LM's head (tied or untied; a bias is ignored).
+
+        Cached in ``cache_dir`` (default ``default_cache_dir() / "bases"``) under a hash of the
+        head's weights, shape, dtype and ``rcond``; a cache file that is corrupt, truncated or
+        belongs to other weights is detected and rebuilt. ``tokenizer`` serves ``token_ids``;
+        without one it is loaded from ``model.name_or_path`` when first needed.
+        """
+        weight = lm_head_weight(model)
+        key = _cache_key(weight, rcond)
+        directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "bases"
+        path = directory / f"bases-{key[:32]}.safetensors"
+        vectors = _load_cached(path, key, tuple(weight.shape), weight.dtype)
+        if vectors is None:
+            vectors = semantic_bases(weight.detach().cpu(), rcond=rcond)
+            _save_cached(path, key, vectors)
+        basis = cls(vectors, tokenizer=tokenizer, head_sha256=key)
+        basis._model_name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        return basis
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            name = getattr(self, "_model_name", None)
+            if not name:
+                raise ValueError("this SemanticBasis has no tokenizer: pass tokenizer= to from_model")
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+        return self.tokenizer
+
+    def token_ids(self, words: Sequence[str], *, prefix_space: bool = True) -> Tensor:
+        """Vocabulary id of each word: the token of ``" " + word`` (its last token if it splits).
+
+        ``prefix_space=False`` encodes the words as given.
+        """
+        if isinstance(words, str):
+            raise TypeError("words must be a sequence of strings, not one string")
+        tokenizer = self._tokenizer()
+        ids = []
+        for word in words:
+            if not isinstance(word, str) or not word:
+                raise ValueError(f"words must be non-empty strings, got {word!r}")
+            text = " " + word if prefix_space and not word[0].isspace() else word
+            encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not encoded:
+                raise ValueError(f"word {word!r} encodes to no token")
+            if encoded[-1] >= len(self):
+                raise ValueError(f"word {word!r} maps to token {encoded[-1]}, outside the head's V={len(self)}")
+            ids.append(encoded[-1])
+        return torch.tensor(ids, dtype=torch.long)
+
+    def for_words(self, words: Sequence[str], *, prefix_space: bool = True) -> Tensor:
+        """(len(words), d) bases of the words' tokens."""
+        return self.vectors[self.token_ids(words, prefix_space=prefix_space)]
+
+    def to(self, *args, **kwargs) -> SemanticBasis:
+        moved = SemanticBasis(self.vectors.to(*args, **kwargs), tokenizer=self.tokenizer, head_sha256=self.head_sha256)
+        moved._model_name = getattr(self, "_model_name", None)
+        return moved
+
+
+def _cache_key(weight: Tensor, rcond: float | None) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([_CACHE_FORMAT, list(weight.shape), str(weight.dtype), rcond]).encode())
+    digest.update(tensor_sha256(weight).encode())
+    return digest.hexdigest()
+
+
+def _load_cached(path: Path, key: str, shape: tuple, dtype: torch.dtype) -> Tensor | None:
+    """The cached bases, or None when the file is absent, unreadable or not what it claims."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            vectors = f.get_tensor("vectors")
+    except Exception as exc:  # truncated or garbled file: safetensors raises its own error types
+        warnings.warn(f"semantic-bases cache {path} is unreadable ({exc}); recomputing", stacklevel=3)
+        return None
+    ok = (
+        meta.get("format") == _CACHE_FORMAT
+        and meta.get("head_key") == key
+        and tuple(vectors.shape) == shape
+        and vectors.dtype == dtype
+        and meta.get("vectors_sha256") == tensor_sha256(vectors)
+    )
+    if not ok:
+        warnings.warn(f"semantic-bases cache {path} is stale or corrupt; recomputing", stacklevel=3)
+        return None
+    return vectors
+
+
+def _save_cached(path: Path, key: str, vectors: Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": _CACHE_FORMAT, "head_key": key, "vectors_sha256": tensor_sha256(vectors)}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"vectors": vectors.contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: a reader never sees a half-written file

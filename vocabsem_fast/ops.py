@@ -1,0 +1,343 @@
+"""The public similarity ops, each a ``torch.library`` custom op with a fake implementation and a
+registered autograd formula (its backward is itself a custom op).
+
+The Python wrappers check arguments (shapes, dtypes, devices: no host sync), pick the backend
+for ``impl=`` and flatten leading dimensions; the ops run the chosen backend. Because the ops are
+opaque to the compiler, ``torch.compile(fullgraph=True)`` captures a call as one node.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._options import CrossEntropy, Similarity, accumulate_dtype
+from ._validation import (
+    check_assign_pair,
+    check_bool,
+    check_int,
+    check_number,
+    check_pair,
+    check_reduction,
+    check_target_range,
+    check_targets,
+)
+
+__all__ = ["similarity_logits", "similarity_cross_entropy", "similarity_topk", "assign"]
+
+_LIB = "vocabsem_fast"
+
+
+def _or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
+    """Custom ops return tensors, not None: an unneeded gradient travels as an empty tensor."""
+    return grad if grad is not None else like.new_empty(0)
+
+
+def _fake_grads(hidden: Tensor, bases: Tensor, need_hidden: bool, need_bases: bool) -> tuple[Tensor, Tensor]:
+    return (
+        hidden.new_empty(hidden.shape if need_hidden else (0,)),
+        bases.new_empty(bases.shape if need_bases else (0,)),
+    )
+
+
+def _needed(ctx, dh: Tensor, db: Tensor, n_rest: int) -> tuple:
+    needs_hidden, needs_bases = ctx.needs_input_grad[:2]
+    return (dh if needs_hidden else None, db if needs_bases else None) + (None,) * n_rest
+
+
+# --- similarity logits ----------------------------------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::similarity_logits", mutates_args=())
+def _logits_op(hidden: Tensor, bases: Tensor, scale: float, normalize: bool, eps: float, impl: str) -> Tensor:
+    return backends.get(impl).logits(hidden, bases, Similarity(scale, normalize, eps))
+
+
+@_logits_op.register_fake
+def _(hidden, bases, scale, normalize, eps, impl):
+    return hidden.new_empty(hidden.shape[0], bases.shape[0])
+
+
+@torch.library.custom_op(f"{_LIB}::similarity_logits_backward", mutates_args=())
+def _logits_backward_op(
+    grad: Tensor, hidden: Tensor, bases: Tensor, scale: float, normalize: bool, eps: float, impl: str,
+    need_hidden: bool, need_bases: bool,
+) -> tuple[Tensor, Tensor]:
+    dh, db = backends.get(impl).logits_backward(
+        grad, hidden, bases, Similarity(scale, normalize, eps), need_hidden, need_bases
+    )
+    return _or_empty(dh, hidden), _or_empty(db, bases)
+
+
+@_logits_backward_op.register_fake
+def _(grad, hidden, bases, scale, normalize, eps, impl, need_hidden, need_bases):
+    return _fake_grads(hidden, bases, need_hidden, need_bases)
+
+
+def _logits_setup(ctx, inputs, output):
+    hidden, bases, *options = inputs
+    ctx.save_for_backward(hidden, bases)
+    ctx.options = options
+
+
+def _logits_autograd(ctx, grad):
+    hidden, bases = ctx.saved_tensors
+    dh, db = _logits_backward_op(grad, hidden, bases, *ctx.options, *ctx.needs_input_grad[:2])
+    return _needed(ctx, dh, db, len(ctx.options))
+
+
+_logits_op.register_autograd(_logits_autograd, setup_context=_logits_setup)
+
+
+# --- similarity cross-entropy ---------------------------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::similarity_cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    hidden: Tensor, bases: Tensor, targets: Tensor, scale: float, normalize: bool, eps: float,
+    ignore_index: int, reduction: str, label_smoothing: float, impl: str,
+) -> tuple[Tensor, Tensor]:
+    check_target_range(targets, bases.shape[0], ignore_index)
+    return backends.get(impl).cross_entropy(
+        hidden, bases, targets, Similarity(scale, normalize, eps), CrossEntropy(ignore_index, reduction, label_smoothing)
+    )
+
+
+@_cross_entropy_op.register_fake
+def _(hidden, bases, targets, scale, normalize, eps, ignore_index, reduction, label_smoothing, impl):
+    acc = accumulate_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
+    return loss, hidden.new_empty(n, dtype=acc)
+
+
+@torch.library.custom_op(f"{_LIB}::similarity_cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(
+    grad: Tensor, hidden: Tensor, bases: Tensor, targets: Tensor, lse: Tensor, scale: float, normalize: bool,
+    eps: float, ignore_index: int, reduction: str, label_smoothing: float, impl: str,
+    need_hidden: bool, need_bases: bool,
+) -> tuple[Tensor, Tensor]:
+    dh, db = backends.get(impl).cross_entropy_backward(
+        grad, hidden, bases, targets, lse, Similarity(scale, normalize, eps),
+        CrossEntropy(ignore_index, reduction, label_smoothing), need_hidden, need_bases,
+    )
+    return _or_empty(dh, hidden), _or_empty(db, bases)
+
+
+@_cross_entropy_backward_op.register_fake
+def _(grad, hidden, bases, targets, lse, scale, normalize, eps, ignore_index, reduction, label_smoothing, impl,
+      need_hidden, need_bases):
+    return _fake_grads(hidden, bases, need_hidden, need_bases)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    hidden, bases, targets, *options = inputs
+    loss, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(hidden, bases, targets, lse)
+    ctx.options = options
+
+
+def _cross_entropy_autograd(ctx, grad_loss, grad_lse):
+    hidden, bases, targets, lse = ctx.saved_tensors
+    dh, db = _cross_entropy_backward_op(
+        grad_loss, hidden, bases, targets, lse, *ctx.options, *ctx.needs_input_grad[:2]
+    )
+    return _needed(ctx, dh, db, 1 + len(ctx.options))
+
+
+_cross_entropy_op.register_autograd(_cross_entropy_autograd, setup_context=_cross_entropy_setup)
+
+
+# --- top-k ----------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::similarity_topk", mutates_args=())
+def _topk_op(
+    hidden: Tensor, bases: Tensor, k: int, scale: float, normalize: bool, eps: float, impl: str
+) -> tuple[Tensor, Tensor]:
+    return backends.get(impl).topk(hidden, bases, k, Similarity(scale, normalize, eps))
+
+
+@_topk_op.register_fake
+def _(hidden, bases, k, scale, normalize, eps, impl):
+    shape = (hidden.shape[0], k)
+    return hidden.new_empty(shape, dtype=accumulate_dtype(hidden.dtype)), hidden.new_empty(shape, dtype=torch.long)
+
+
+@torch.library.custom_op(f"{_LIB}::similarity_topk_backward", mutates_args=())
+def _topk_backward_op(
+    grad: Tensor, hidden: Tensor, bases: Tensor, indices: Tensor, scale: float, normalize: bool, eps: float,
+    impl: str, need_hidden: bool, need_bases: bool,
+) -> tuple[Tensor, Tensor]:
+    dh, db = backends.get(impl).topk_backward(
+        grad, hidden, bases, indices, Similarity(scale, normalize, eps), need_hidden, need_bases
+    )
+    return _or_empty(dh, hidden), _or_empty(db, bases)
+
+
+@_topk_backward_op.register_fake
+def _(grad, hidden, bases, indices, scale, normalize, eps, impl, need_hidden, need_bases):
+    return _fake_grads(hidden, bases, need_hidden, need_bases)
+
+
+def _topk_setup(ctx, inputs, output):
+    hidden, bases, k, *options = inputs
+    values, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(hidden, bases, indices)
+    ctx.options = options
+
+
+def _topk_autograd(ctx, grad_values, grad_indices):
+    hidden, bases, indices = ctx.saved_tensors
+    dh, db = _topk_backward_op(grad_values, hidden, bases, indices, *ctx.options, *ctx.needs_input_grad[:2])
+    return _needed(ctx, dh, db, 1 + len(ctx.options))
+
+
+_topk_op.register_autograd(_topk_autograd, setup_context=_topk_setup)
+
+
+# --- soft assignment ------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::soft_assign", mutates_args=())
+def _soft_assign_op(
+    points: Tensor, centroids: Tensor, inv_temperature: float, normalize: bool, eps: float, impl: str
+) -> Tensor:
+    return backends.get(impl).soft_assign(points, centroids, Similarity(inv_temperature, normalize, eps))
+
+
+@_soft_assign_op.register_fake
+def _(points, centroids, inv_temperature, normalize, eps, impl):
+    shape = (points.shape[0], points.shape[1], centroids.shape[1])
+    return points.new_empty(shape, dtype=accumulate_dtype(points.dtype))
+
+
+@torch.library.custom_op(f"{_LIB}::soft_assign_backward", mutates_args=())
+def _soft_assign_backward_op(
+    grad: Tensor, probs: Tensor, points: Tensor, centroids: Tensor, inv_temperature: float, normalize: bool,
+    eps: float, impl: str, need_points: bool, need_centroids: bool,
+) -> tuple[Tensor, Tensor]:
+    dp, dc = backends.get(impl).soft_assign_backward(
+        grad, probs, points, centroids, Similarity(inv_temperature, normalize, eps), need_points, need_centroids
+    )
+    return _or_empty(dp, points), _or_empty(dc, centroids)
+
+
+@_soft_assign_backward_op.register_fake
+def _(grad, probs, points, centroids, inv_temperature, normalize, eps, impl, need_points, need_centroids):
+    return _fake_grads(points, centroids, need_points, need_centroids)
+
+
+def _soft_assign_setup(ctx, inputs, output):
+    points, centroids, *options = inputs
+    ctx.save_for_backward(points, centroids, output)
+    ctx.options = options
+
+
+def _soft_assign_autograd(ctx, grad):
+    points, centroids, probs = ctx.saved_tensors
+    dp, dc = _soft_assign_backward_op(grad, probs, points, centroids, *ctx.options, *ctx.needs_input_grad[:2])
+    return _needed(ctx, dp, dc, len(ctx.options))
+
+
+_soft_assign_op.register_autograd(_soft_assign_autograd, setup_context=_soft_assign_setup)
+
+
+# --- public functions -----------------------------------------------------------------------------
+def _similarity_args(scale, normalize, eps) -> tuple[float, bool, float]:
+    return (
+        check_number(scale, "scale"),
+        check_bool(normalize, "normalize"),
+        check_number(eps, "eps", positive=True),
+    )
+
+
+def similarity_logits(
+    hidden: Tensor, bases: Tensor, *, scale: float = 1.0, normalize: bool = True, eps: float = 1e-8,
+    impl: str = "auto",
+) -> Tensor:
+    """Similarity logits ``scale * cos(hidden, bases)`` (``scale * hidden @ bases.T`` when
+    ``normalize=False``).
+
+    hidden: (..., d), bases: (V, d), same floating dtype and device. Returns (..., V) in that
+    dtype (accumulated in float32). Differentiable in ``hidden`` and ``bases``.
+    """
+    check_pair(hidden, bases)
+    options = _similarity_args(scale, normalize, eps)
+    backend = backends.resolve(impl, hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = _logits_op(flat, bases, *options, backend)
+    return out.reshape(*hidden.shape[:-1], bases.shape[0])
+
+
+def similarity_cross_entropy(
+    hidden: Tensor, bases: Tensor, targets: Tensor, *, scale: float = 1.0, normalize: bool = True,
+    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-8,
+    impl: str = "auto",
+) -> Tensor:
+    """Cross-entropy of the similarity logits without ever holding the N x V logits.
+
+    Equals ``F.cross_entropy(similarity_logits(hidden, bases, ...).float().view(-1, V),
+    targets.view(-1), ignore_index=..., reduction=..., label_smoothing=...)`` in value and in its
+    gradients w.r.t. ``hidden`` (..., d) and ``bases`` (V, d). ``targets`` has shape
+    ``hidden.shape[:-1]``. "mean" divides by the number of non-ignored targets and is 0.0 (zero
+    gradients) when all are ignored. The loss is float32 (float64 for float64 inputs).
+    """
+    check_pair(hidden, bases)
+    check_targets(targets, hidden)
+    options = _similarity_args(scale, normalize, eps)
+    ignore_index = check_int(ignore_index, "ignore_index")
+    reduction = check_reduction(reduction)
+    label_smoothing = check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    backend = backends.resolve(impl, hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    loss, _ = _cross_entropy_op(
+        flat, bases, flat_targets, *options, ignore_index, reduction, label_smoothing, backend
+    )
+    return loss.reshape(targets.shape) if reduction == "none" else loss
+
+
+def similarity_topk(
+    hidden: Tensor, bases: Tensor, k: int, *, scale: float = 1.0, normalize: bool = True, eps: float = 1e-8,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The k largest similarity logits of each row and their vocabulary indices, without
+    holding the N x V logits: ``torch.topk(similarity_logits(...), k, dim=-1)``.
+
+    Returns values (..., k) float32 (float64 for float64 inputs), sorted descending, and indices
+    (..., k) int64. Values are differentiable in ``hidden`` and ``bases``; ties may break either way.
+    """
+    check_pair(hidden, bases)
+    k = check_int(k, "k", low=1, high=bases.shape[0])
+    options = _similarity_args(scale, normalize, eps)
+    backend = backends.resolve(impl, hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    values, indices = _topk_op(flat, bases, k, *options, backend)
+    shape = (*hidden.shape[:-1], k)
+    return values.reshape(shape), indices.reshape(shape)
+
+
+def assign(
+    points: Tensor, centroids: Tensor, *, temperature: float = 1.0, hard: bool = False, normalize: bool = True,
+    eps: float = 1e-8, impl: str = "auto",
+):
+    """Assign points to centroids by cosine similarity (dot product when ``normalize=False``).
+
+    points (N, d) with centroids (K, d), or batched (B, N, d) with (B, K, d). ``hard=False``:
+    soft assignments ``softmax(scores / temperature)`` of shape (..., N, K), float32,
+    differentiable in both inputs. ``hard=True``: ``(indices, scores)`` of each point's best
+    centroid, shapes (..., N), computed with a running argmax so the N x K scores are never held.
+    """
+    check_assign_pair(points, centroids)
+    temperature = check_number(temperature, "temperature", positive=True)
+    hard = check_bool(hard, "hard")
+    _, normalize, eps = _similarity_args(1.0, normalize, eps)
+    backend = backends.resolve(impl, points.device)
+    if hard:
+        if points.dim() == 2:
+            values, indices = _topk_op(points, centroids, 1, 1.0, normalize, eps, backend)
+            return indices[:, 0], values[:, 0]
+        results = [_topk_op(p, c, 1, 1.0, normalize, eps, backend) for p, c in zip(points, centroids)]
+        return torch.stack([i[:, 0] for _, i in results]), torch.stack([v[:, 0] for v, _ in results])
+    batched = points.dim() == 3
+    probs = _soft_assign_op(
+        points if batched else points[None], centroids if batched else centroids[None],
+        1.0 / temperature, normalize, eps, backend,
+    )
+    return probs if batched else probs[0]
