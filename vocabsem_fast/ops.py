@@ -333,6 +333,9 @@ def assign(
         if points.dim() == 2:
             values, indices = _topk_op(points, centroids, 1, 1.0, normalize, eps, backend)
             return indices[:, 0], values[:, 0]
+        if points.shape[0] == 0:  # an empty batch of problems: torch.stack needs at least one result
+            shape = (0, points.shape[1])
+            return points.new_empty(shape, dtype=torch.long), points.new_empty(shape, dtype=accumulate_dtype(points.dtype))
         results = [_topk_op(p, c, 1, 1.0, normalize, eps, backend) for p, c in zip(points, centroids)]
         return torch.stack([i[:, 0] for _, i in results]), torch.stack([v[:, 0] for v, _ in results])
     batched = points.dim() == 3

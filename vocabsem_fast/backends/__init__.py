@@ -24,14 +24,23 @@ _GPU_ORDER = ("cuda", "triton", "torch")
 _CPU_ORDER = ("cpu", "torch")
 
 
-@functools.cache
-def _extension():
+def _import_extension():
     """The private C++ module, or the reason it cannot be imported."""
     try:
         from .. import _C  # noqa: PLC0415
     except ImportError as exc:  # not built (e.g. VOCABSEM_NO_EXTENSION=1) or built for another torch
         return None, f"the C++ extension vocabsem_fast._C is not importable ({exc})"
     return _C, None
+
+
+# Imported once, here, rather than behind functools.cache: torch.compile traces resolve() on every
+# call of a public function, and reads a module constant without tracing an import or a cache
+# wrapper (which dynamo bypasses with a "silent incorrectness" warning).
+_EXTENSION = _import_extension()
+
+
+def _extension():
+    return _EXTENSION
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -86,9 +86,10 @@ class RowNormalizer:
         """Gradient w.r.t. the raw rows given the gradient w.r.t. ``normalized = rows(start, stop)``."""
         if self.inv is None:
             return grad
-        inv = self.inv[start:stop, None]
-        radial = normalized * (normalized * grad).sum(-1, keepdim=True)
-        return inv * (grad - torch.where(self.passes[start:stop, None], radial, 0.0))
+        # d(x / |x|) = (g - y (y . g)) / |x|; where the eps clamp is active only g / eps remains
+        radial = torch.where(self.passes[start:stop], torch.linalg.vecdot(normalized, grad), 0.0)
+        out = torch.addcmul(grad, normalized, radial[:, None], value=-1.0)
+        return out.mul_(self.inv[start:stop, None])
 
 
 class ChunkedBackend:
@@ -132,8 +133,11 @@ class ChunkedBackend:
         return dh, self._bases_grad(dbn, b, bases) if need_bases else None
 
     def _bases_grad(self, dbn: Tensor, b: RowNormalizer, bases: Tensor) -> Tensor:
-        """Apply the normalisation backward to an accumulated (V, d) gradient, chunk by chunk."""
-        out = torch.empty_like(bases)
+        """Apply the normalisation backward to an accumulated (V, d) gradient, chunk by chunk
+        (in place when the accumulator already has the bases' dtype: no second V x d buffer)."""
+        if dbn.dtype == bases.dtype and b.inv is None:
+            return dbn
+        out = dbn if dbn.dtype == bases.dtype else torch.empty_like(bases)
         width = max(_TILES.min_columns, _TILES.max_elements // max(bases.shape[1], 1))
         for c0 in range(0, bases.shape[0], width):
             c1 = min(bases.shape[0], c0 + width)
@@ -157,17 +161,17 @@ class ChunkedBackend:
             running_sum = torch.zeros(r1 - r0, dtype=acc, device=hidden.device)
             for c0, c1 in column_chunks(r1 - r0, v):
                 z = hs @ b.rows(c0, c1).T
-                new_max = torch.maximum(running_max, z.amax(dim=1))
-                # rows whose scores are all -inf so far keep a finite shift (exp(-inf - 0) = 0)
-                shift = torch.where(new_max == float("-inf"), 0.0, new_max)
-                running_sum = running_sum * torch.exp(running_max - shift) + torch.exp(z - shift[:, None]).sum(1)
-                running_max = new_max
                 in_chunk = (t >= c0) & (t < c1)
                 local = (t - c0).clamp(0, c1 - c0 - 1)
                 picked = z.gather(1, local[:, None]).squeeze(1)
                 target_logit[r0:r1] += torch.where(in_chunk, picked, 0.0)
                 if ce.label_smoothing > 0:
                     logit_sum[r0:r1] += z.sum(1)
+                new_max = torch.maximum(running_max, z.amax(dim=1))
+                # rows whose scores are all -inf so far keep a finite shift (exp(-inf - 0) = 0)
+                shift = torch.where(new_max == float("-inf"), 0.0, new_max)
+                running_sum = running_sum * torch.exp(running_max - shift) + z.sub_(shift[:, None]).exp_().sum(1)
+                running_max = new_max
             lse[r0:r1] = torch.where(running_max == float("-inf"), 0.0, running_max) + torch.log(running_sum)
         ls = ce.label_smoothing
         per_row = lse - (1.0 - ls) * target_logit
@@ -198,7 +202,7 @@ class ChunkedBackend:
             dhs = torch.zeros_like(hn) if need_hidden else None
             for c0, c1 in column_chunks(r1 - r0, v):
                 bn = b.rows(c0, c1)
-                grad_z = torch.exp(hs @ bn.T - lse[r0:r1, None])
+                grad_z = (hs @ bn.T).sub_(lse[r0:r1, None]).exp_()
                 if ls > 0:
                     grad_z.sub_(ls / v)
                 in_chunk = (t >= c0) & (t < c1)

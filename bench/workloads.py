@@ -1,0 +1,55 @@
+"""Workloads shared by the CPU benchmarks: inputs of a given shape and each contender's run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import vocabsem_fast as vs
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n: int
+    d: int
+    v: int
+
+    @property
+    def gemm_flops(self) -> float:
+        return 2.0 * self.n * self.d * self.v
+
+
+SHAPES = {"smollm2": Shape("smollm2", 2048, 576, 49152)}
+SCALE = 20.0  # a realistic inverse temperature for cosine logits
+
+
+def make_inputs(shape: Shape, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(shape.n, shape.d, generator=g, dtype=dtype)
+    bases = torch.randn(shape.v, shape.d, generator=g, dtype=dtype)
+    targets = torch.randint(0, shape.v, (shape.n,), generator=g)
+    return hidden, bases, targets
+
+
+def cross_entropy_step(contender: str, hidden, bases, targets, *, backward: bool = True):
+    """One forward (+ backward) of the similarity cross-entropy; returns the loss."""
+    h = hidden.detach().requires_grad_(backward)
+    b = bases.detach().requires_grad_(backward)
+    if contender == "reference":
+        loss = vs.reference.similarity_cross_entropy(h, b, targets, scale=SCALE)
+    else:
+        loss = vs.similarity_cross_entropy(h, b, targets, scale=SCALE, impl=contender)
+    if backward:
+        loss.backward()
+    return loss.detach()
+
+
+def topk_step(contender: str, hidden, bases, k: int = 5):
+    if contender == "reference":
+        return vs.reference.similarity_topk(hidden, bases, k, scale=SCALE)
+    return vs.similarity_topk(hidden, bases, k, scale=SCALE, impl=contender)
+
+
+CONTENDERS = ["reference"] + [b for b in ("cpu", "torch") if b in vs.available_backends()]
