@@ -4,12 +4,24 @@
 
 namespace vocabsem {
 at::Tensor row_norms(const at::Tensor& x);
+std::vector<at::Tensor> similarity_cross_entropy(const at::Tensor& hidden, const at::Tensor& bases,
+                                                 const at::Tensor& targets, double scale, bool normalize,
+                                                 double eps, int64_t ignore_index, double label_smoothing,
+                                                 const at::Tensor& row_weight, bool need_hidden, bool need_bases,
+                                                 int64_t max_strip_elements);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vocabsem_fast private C++ kernels";
   m.def("row_norms", &vocabsem::row_norms, "Row L2 norms, float32 accumulation (float64 for double input)",
         pybind11::arg("x"));
+  m.def("similarity_cross_entropy", &vocabsem::similarity_cross_entropy,
+        "Fused similarity cross-entropy over row strips: per-row (loss, lse) and, when asked, the gradients "
+        "of sum_i row_weight_i * loss_i w.r.t. hidden and bases",
+        pybind11::arg("hidden"), pybind11::arg("bases"), pybind11::arg("targets"), pybind11::arg("scale"),
+        pybind11::arg("normalize"), pybind11::arg("eps"), pybind11::arg("ignore_index"),
+        pybind11::arg("label_smoothing"), pybind11::arg("row_weight"), pybind11::arg("need_hidden"),
+        pybind11::arg("need_bases"), pybind11::arg("max_strip_elements"));
 #ifdef VOCABSEM_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -92,20 +92,30 @@ _logits_op.register_autograd(_logits_autograd, setup_context=_logits_setup)
 @torch.library.custom_op(f"{_LIB}::similarity_cross_entropy", mutates_args=())
 def _cross_entropy_op(
     hidden: Tensor, bases: Tensor, targets: Tensor, scale: float, normalize: bool, eps: float,
-    ignore_index: int, reduction: str, label_smoothing: float, impl: str,
-) -> tuple[Tensor, Tensor]:
+    ignore_index: int, reduction: str, label_smoothing: float, impl: str, grad_hidden: bool, grad_bases: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse, d loss/d hidden, d loss/d bases). ``grad_*`` ask for the gradients of a reduced
+    loss from the forward pass; a backend that cannot (or "none") returns empty ones and the
+    backward op recomputes."""
     check_target_range(targets, bases.shape[0], ignore_index)
-    return backends.get(impl).cross_entropy(
-        hidden, bases, targets, Similarity(scale, normalize, eps), CrossEntropy(ignore_index, reduction, label_smoothing)
+    loss, lse, dh, db = backends.get(impl).cross_entropy(
+        hidden, bases, targets, Similarity(scale, normalize, eps),
+        CrossEntropy(ignore_index, reduction, label_smoothing), grad_hidden, grad_bases,
     )
+    return loss, lse, _or_empty(dh, hidden), _or_empty(db, bases)
 
 
 @_cross_entropy_op.register_fake
-def _(hidden, bases, targets, scale, normalize, eps, ignore_index, reduction, label_smoothing, impl):
+def _(hidden, bases, targets, scale, normalize, eps, ignore_index, reduction, label_smoothing, impl,
+      grad_hidden, grad_bases):
     acc = accumulate_dtype(hidden.dtype)
     n = hidden.shape[0]
     loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
-    return loss, hidden.new_empty(n, dtype=acc)
+    # whether a backend precomputes gradients is data-independent but backend-specific: the fake
+    # mirrors the backend's answer so compiled graphs see the true shapes
+    early = reduction != "none" and backends.get(impl).gradients_in_forward
+    dh, db = _fake_grads(hidden, bases, early and grad_hidden, early and grad_bases)
+    return loss, hidden.new_empty(n, dtype=acc), dh, db
 
 
 @torch.library.custom_op(f"{_LIB}::similarity_cross_entropy_backward", mutates_args=())
@@ -129,18 +139,23 @@ def _(grad, hidden, bases, targets, lse, scale, normalize, eps, ignore_index, re
 
 def _cross_entropy_setup(ctx, inputs, output):
     hidden, bases, targets, *options = inputs
-    loss, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(hidden, bases, targets, lse)
-    ctx.options = options
+    ctx.options = options[:-2]  # without the grad_hidden / grad_bases requests
+    loss, lse, dh, db = output
+    ctx.mark_non_differentiable(lse, dh, db)
+    # gradients formed in the forward pass are exact for every requested input: keep them
+    ctx.precomputed = (dh.numel() > 0 or not options[-2]) and (db.numel() > 0 or not options[-1]) and (
+        options[-2] or options[-1])
+    ctx.save_for_backward(hidden, bases, targets, lse, dh, db)
 
 
-def _cross_entropy_autograd(ctx, grad_loss, grad_lse):
-    hidden, bases, targets, lse = ctx.saved_tensors
+def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
+    hidden, bases, targets, lse, dh, db = ctx.saved_tensors
+    if ctx.precomputed:  # a reduced loss: the upstream gradient is a scalar
+        return _needed(ctx, dh * grad_loss.to(dh.dtype), db * grad_loss.to(db.dtype), 1 + len(ctx.options) + 2)
     dh, db = _cross_entropy_backward_op(
         grad_loss, hidden, bases, targets, lse, *ctx.options, *ctx.needs_input_grad[:2]
     )
-    return _needed(ctx, dh, db, 1 + len(ctx.options))
+    return _needed(ctx, dh, db, 1 + len(ctx.options) + 2)
 
 
 _cross_entropy_op.register_autograd(_cross_entropy_autograd, setup_context=_cross_entropy_setup)
@@ -287,8 +302,10 @@ def similarity_cross_entropy(
     backend = backends.resolve(impl, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
-    loss, _ = _cross_entropy_op(
-        flat, bases, flat_targets, *options, ignore_index, reduction, label_smoothing, backend
+    want = torch.is_grad_enabled()
+    loss, *_ = _cross_entropy_op(
+        flat, bases, flat_targets, *options, ignore_index, reduction, label_smoothing, backend,
+        want and hidden.requires_grad, want and bases.requires_grad,
     )
     return loss.reshape(targets.shape) if reduction == "none" else loss
 

@@ -93,5 +93,7 @@ def get(name: str):
         ext, reason = _extension()
         if ext is None:
             raise RuntimeError(f"impl='cpu' is not available: {reason}")
-        return ChunkedBackend("cpu", ext.row_norms)
+        from .cpu import CpuBackend  # noqa: PLC0415
+
+        return CpuBackend(ext)
     raise RuntimeError(f"impl={name!r} is not available: {unavailable_reason(name)}")

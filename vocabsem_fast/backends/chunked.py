@@ -95,6 +95,8 @@ class RowNormalizer:
 class ChunkedBackend:
     """Chunked implementation of every op; ``row_norms`` is the only swappable piece (torch or C++)."""
 
+    gradients_in_forward = False  # the loss gradients always come from cross_entropy_backward
+
     def __init__(self, name: str, row_norms: RowNorms):
         self.name = name
         self.row_norms = row_norms
@@ -145,7 +147,11 @@ class ChunkedBackend:
         return out
 
     # --- cross-entropy ---------------------------------------------------------------------------
-    def cross_entropy(self, hidden, bases, targets, sim: Similarity, ce: CrossEntropy):
+    def cross_entropy(self, hidden, bases, targets, sim: Similarity, ce: CrossEntropy,
+                      need_hidden: bool = False, need_bases: bool = False):
+        """Per-row or reduced loss and the per-row log-sum-exp. Gradients are never formed here
+        (the online log-sum-exp is final only after the last chunk): the two ``None`` tell the op
+        to run ``cross_entropy_backward``, which recomputes the tiles."""
         h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
         n, v = hidden.shape[0], bases.shape[0]
         acc = h.acc
@@ -177,20 +183,14 @@ class ChunkedBackend:
         per_row = lse - (1.0 - ls) * target_logit
         if ls > 0:
             per_row = per_row - ls * logit_sum / v
-        per_row = torch.where(valid, per_row, 0.0)
-        if ce.reduction == "none":
-            return per_row, lse
-        total = per_row.sum()
-        if ce.reduction == "sum":
-            return total, lse
-        return total / valid.sum().clamp_min(1).to(acc), lse
+        return reduce_rows(torch.where(valid, per_row, 0.0), valid, ce.reduction), lse, None, None
 
     def cross_entropy_backward(self, grad, hidden, bases, targets, lse, sim, ce, need_hidden, need_bases):
         h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
         n, v = hidden.shape[0], bases.shape[0]
         acc = h.acc
         valid = targets != ce.ignore_index
-        row_grad = _row_upstream(grad.to(acc), valid, ce.reduction)
+        row_grad = row_upstream(grad.to(acc), valid, ce.reduction)
         safe_targets = torch.where(valid, targets, 0)
         ls = ce.label_smoothing
         dbn = torch.zeros(bases.shape, dtype=acc, device=bases.device) if need_bases else None
@@ -284,7 +284,15 @@ class ChunkedBackend:
         return dp, dc
 
 
-def _row_upstream(grad: Tensor, valid: Tensor, reduction: str) -> Tensor:
+def reduce_rows(per_row: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """"none" keeps rows; "mean" divides by the non-ignored count (0.0 when there are none)."""
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def row_upstream(grad: Tensor, valid: Tensor, reduction: str) -> Tensor:
     """The upstream gradient of each row's loss (zero for ignored rows)."""
     if reduction == "none":
         return torch.where(valid, grad, 0.0)

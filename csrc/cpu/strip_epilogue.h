@@ -1,0 +1,26 @@
+// Row-wise epilogue of the fused similarity cross-entropy on one R x V strip of scores.
+#pragma once
+#include <cstdint>
+
+namespace vocabsem {
+
+// Inputs/outputs of one strip, float32 or float64 (acc_t). All pointers are to R rows
+// (row stride ld) except the per-row vectors (length R) and inv_b (length V, or null when the
+// bases are not normalised).
+template <typename acc_t>
+struct StripEpilogue {
+  acc_t* scores;             // in: raw H B^T; out: the gradient tile G' (or exp scores when no grad)
+  int64_t rows, cols, ld;
+  const acc_t* inv_b;        // 1 / max(|B_j|, eps), folded into scores and into G'
+  const int64_t* targets;    // per row, already in [0, V) (ignored rows carry any valid id)
+  const bool* valid;         // per row: target != ignore_index
+  const acc_t* weight;       // per row weight of the loss in the gradient, or null: no gradient
+  acc_t label_smoothing;
+  acc_t* loss;               // out, per row (0 where ignored)
+  acc_t* lse;                // out, per row
+};
+
+void run_strip_epilogue(const StripEpilogue<float>& e);
+void run_strip_epilogue(const StripEpilogue<double>& e);
+
+}  // namespace vocabsem
