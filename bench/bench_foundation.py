@@ -28,7 +28,7 @@ def inputs():
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("contender", workloads.CONTENDERS)
+@pytest.mark.parametrize("contender", workloads.LOSS_CONTENDERS)
 def test_cross_entropy(benchmark, inputs, contender, mode):
     benchmark.group = f"cross_entropy {mode} {SHAPE.name} N={SHAPE.n} d={SHAPE.d} V={SHAPE.v} fp32"
     hidden, bases, targets = inputs
@@ -36,15 +36,16 @@ def test_cross_entropy(benchmark, inputs, contender, mode):
         workloads.cross_entropy_step, args=(contender, hidden, bases, targets),
         kwargs={"backward": mode == "fwd+bwd"}, rounds=3, warmup_rounds=1,
     )
-    expected = workloads.cross_entropy_step("reference", hidden, bases, targets, backward=False)
-    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    if contender != "gemm_floor":  # every loss contender computes the same number
+        expected = workloads.cross_entropy_step("reference", hidden, bases, targets, backward=False)
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
     gemms = 1 if mode == "fwd" else 3
     benchmark.extra_info.update(peak_memory.measure(contender, SHAPE.name, mode))
     benchmark.extra_info["gemm_flops"] = gemms * SHAPE.gemm_flops
     benchmark.extra_info["threads"] = torch.get_num_threads()
 
 
-@pytest.mark.parametrize("contender", workloads.CONTENDERS)
+@pytest.mark.parametrize("contender", workloads.TOPK_CONTENDERS)
 def test_topk(benchmark, inputs, contender):
     benchmark.group = f"topk k=5 {SHAPE.name} N={SHAPE.n} d={SHAPE.d} V={SHAPE.v} fp32"
     hidden, bases, _ = inputs

@@ -41,10 +41,17 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.json_file) as f:
         data = json.load(f)
+    import torch
+
     machine = data["machine_info"]
+    threads = {b["extra_info"].get("threads") for b in data["benchmarks"]} - {None}
     header = (f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor'))}, "
-              f"{machine.get('cpu', {}).get('count', '?')} logical CPUs; Python {machine.get('python_version')}; "
-              f"commit {data.get('commit_info', {}).get('id', '?')[:10]}; {data.get('datetime')}\n")
+              f"{machine.get('cpu', {}).get('count', '?')} logical CPUs (torch threads {sorted(threads)}); "
+              f"Python {machine.get('python_version')}; torch {torch.__version__}; "
+              f"commit {data.get('commit_info', {}).get('id', '?')[:10]}; {data.get('datetime')}\n\n"
+              "Times are medians of 3 rounds after 1 warm-up (pytest-benchmark). Extra peak: resident\n"
+              "memory above the inputs in a fresh process (bench/peak_memory.py); workspace: that less the\n"
+              "returned gradients. GFLOP/s counts the GEMM work (1 product forward, 3 for forward+backward).\n")
     text = header + "\n" + table(data)
     print(text)
     if args.out:

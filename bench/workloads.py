@@ -33,12 +33,33 @@ def make_inputs(shape: Shape, dtype=torch.float32, seed: int = 0):
     return hidden, bases, targets
 
 
+def _linear_cross_entropy(h, b, targets):
+    """torch's chunked fused linear cross-entropy on normalised inputs: the same loss."""
+    hn = torch.nn.functional.normalize(h, dim=-1) * SCALE
+    bn = torch.nn.functional.normalize(b, dim=-1)
+    return torch.nn.functional.linear_cross_entropy(hn, bn, targets, options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _gemm_floor(h, b, backward: bool):
+    """The arithmetic floor: the GEMMs of the same sizes and nothing else (1 forward, 3 in all)."""
+    with torch.no_grad():
+        z = h @ b.T
+        if backward:
+            z @ b
+            z.T @ h
+    return z[0, 0]
+
+
 def cross_entropy_step(contender: str, hidden, bases, targets, *, backward: bool = True):
     """One forward (+ backward) of the similarity cross-entropy; returns the loss."""
+    if contender == "gemm_floor":
+        return _gemm_floor(hidden, bases, backward)
     h = hidden.detach().requires_grad_(backward)
     b = bases.detach().requires_grad_(backward)
     if contender == "reference":
         loss = vs.reference.similarity_cross_entropy(h, b, targets, scale=SCALE)
+    elif contender == "linear_cross_entropy":
+        loss = _linear_cross_entropy(h, b, targets)
     else:
         loss = vs.similarity_cross_entropy(h, b, targets, scale=SCALE, impl=contender)
     if backward:
@@ -52,4 +73,6 @@ def topk_step(contender: str, hidden, bases, k: int = 5):
     return vs.similarity_topk(hidden, bases, k, scale=SCALE, impl=contender)
 
 
-CONTENDERS = ["reference"] + [b for b in ("cpu", "torch") if b in vs.available_backends()]
+BACKENDS = [b for b in ("cpu", "torch") if b in vs.available_backends()]
+LOSS_CONTENDERS = ["reference", *BACKENDS, "linear_cross_entropy", "gemm_floor"]
+TOPK_CONTENDERS = ["reference", *BACKENDS]

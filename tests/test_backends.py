@@ -77,3 +77,23 @@ def test_package_works_without_the_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("impl", vs.available_backends())
+def test_second_backward_with_retain_graph_matches_the_first(impl):
+    """A backend may hand over gradients formed in the forward pass (scaled in place by the
+    first backward); a second backward must still be exact, not scaled twice or lost."""
+    hidden = torch.randn(9, 13, requires_grad=True)
+    bases = torch.randn(31, 13, requires_grad=True)
+    targets = torch.randint(0, 31, (9,))
+    loss = vs.similarity_cross_entropy(hidden, bases, targets, scale=4.0, impl=impl)
+    (3.0 * loss).backward(retain_graph=True)
+    first = hidden.grad.clone(), bases.grad.clone()
+    hidden.grad = bases.grad = None
+    (3.0 * loss).backward()
+    torch.testing.assert_close(hidden.grad, first[0])
+    torch.testing.assert_close(bases.grad, first[1])
+    h, b = hidden.detach().requires_grad_(), bases.detach().requires_grad_()
+    (3.0 * vs.reference.similarity_cross_entropy(h, b, targets, scale=4.0)).backward()
+    torch.testing.assert_close(first[0], h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first[1], b.grad, rtol=1e-5, atol=1e-6)

@@ -142,16 +142,28 @@ def _cross_entropy_setup(ctx, inputs, output):
     ctx.options = options[:-2]  # without the grad_hidden / grad_bases requests
     loss, lse, dh, db = output
     ctx.mark_non_differentiable(lse, dh, db)
-    # gradients formed in the forward pass are exact for every requested input: keep them
-    ctx.precomputed = (dh.numel() > 0 or not options[-2]) and (db.numel() > 0 or not options[-1]) and (
-        options[-2] or options[-1])
-    ctx.save_for_backward(hidden, bases, targets, lse, dh, db)
+    asked_hidden, asked_bases = options[-2], options[-1]
+    complete = (dh.numel() > 0 or not asked_hidden) and (db.numel() > 0 or not asked_bases)
+    precomputed = complete and (asked_hidden or asked_bases)
+    # In eager mode gradients formed in the forward pass stay outside the saved tensors: the first
+    # backward scales them in place and drops them, so no second gradient-sized buffer exists (a
+    # later backward under retain_graph finds none and recomputes). Tracers (torch.compile,
+    # opcheck) see subclass tensors and get the plain saved-tensor form, which they optimise.
+    eager = type(dh) is torch.Tensor
+    ctx.early_grads = (dh, db) if precomputed and eager else None
+    ctx.saved_early = precomputed and not eager
+    ctx.save_for_backward(hidden, bases, targets, lse, *((dh, db) if ctx.saved_early else ()))
 
 
 def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
-    hidden, bases, targets, lse, dh, db = ctx.saved_tensors
-    if ctx.precomputed:  # a reduced loss: the upstream gradient is a scalar
-        return _needed(ctx, dh * grad_loss.to(dh.dtype), db * grad_loss.to(db.dtype), 1 + len(ctx.options) + 2)
+    hidden, bases, targets, lse, *saved = ctx.saved_tensors
+    early, ctx.early_grads = ctx.early_grads, None
+    if early is not None:  # a reduced loss: the upstream gradient is a scalar
+        dh, db = (g.mul_(grad_loss.to(g.dtype)) for g in early)
+        return _needed(ctx, dh, db, 1 + len(ctx.options) + 2)
+    if saved:
+        dh, db = (g * grad_loss.to(g.dtype) for g in saved)
+        return _needed(ctx, dh, db, 1 + len(ctx.options) + 2)
     dh, db = _cross_entropy_backward_op(
         grad_loss, hidden, bases, targets, lse, *ctx.options, *ctx.needs_input_grad[:2]
     )

@@ -20,7 +20,7 @@ at::Tensor row_norms(const at::Tensor& x);
 
 namespace {
 
-constexpr int64_t kConvertChunk = 8192;  // rows of half-precision bases converted at a time
+constexpr int64_t kConvertChunk = 4096;  // rows of bases converted or renormalised at a time
 
 // The bases rows [start, stop) in the accumulation dtype (a view when already in it).
 at::Tensor bases_chunk(const at::Tensor& bases, int64_t start, int64_t stop, at::ScalarType acc) {
@@ -76,7 +76,8 @@ std::vector<at::Tensor> similarity_cross_entropy(const at::Tensor& hidden, const
   const at::Tensor safe_targets = at::where(valid, targets, at::zeros_like(targets)).contiguous();
   at::Tensor loss = at::empty({n}, opts), lse = at::empty({n}, opts);
   at::Tensor grad_H = need_hidden ? at::empty({n, hidden.size(1)}, opts) : at::Tensor();
-  at::Tensor grad_X = need_bases ? at::zeros({v, bases.size(1)}, opts) : at::Tensor();
+  // filled by the first strip's GEMM (beta = 0), accumulated by the others: no zero-fill pass
+  at::Tensor grad_X = need_bases ? at::empty({v, bases.size(1)}, opts) : at::Tensor();
 
   const int64_t strip_rows = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(n, 1), max_strip_elements / v));
   at::Tensor strip_buffer = at::empty({strip_rows, v}, opts);
@@ -111,15 +112,30 @@ std::vector<at::Tensor> similarity_cross_entropy(const at::Tensor& hidden, const
     });
     if (!need_grad) continue;
 
-    at::Tensor gH = need_hidden ? grad_H.narrow(0, r0, rows).zero_() : at::Tensor();
+    at::Tensor gH = need_hidden ? grad_H.narrow(0, r0, rows) : at::Tensor();
     for (int64_t c0 = 0; c0 < v; c0 += chunk) {
       const int64_t c1 = std::min(v, c0 + chunk);
       const at::Tensor Bc = bases_chunk(bases, c0, c1, acc);
       const at::Tensor Gc = S.narrow(1, c0, c1 - c0);
-      if (need_hidden) gH.addmm_(Gc, Bc);
-      if (need_bases) grad_X.narrow(0, c0, c1 - c0).addmm_(Gc.t(), Hb);
+      if (need_hidden) {
+        if (c0 == 0) {
+          at::mm_out(gH, Gc, Bc);
+        } else {
+          gH.addmm_(Gc, Bc);
+        }
+      }
+      if (need_bases) {
+        at::Tensor X = grad_X.narrow(0, c0, c1 - c0);
+        if (r0 == 0) {
+          at::mm_out(X, Gc.t(), Hb);
+        } else {
+          X.addmm_(Gc.t(), Hb);
+        }
+      }
     }
   }
+
+  if (need_bases && n == 0) grad_X.zero_();  // no strip ran: the gradient is zero
 
   at::Tensor grad_hidden, grad_bases;
   if (need_hidden) {

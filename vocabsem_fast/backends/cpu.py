@@ -3,7 +3,8 @@ algorithm (with C++ row norms) for the rest.
 
 The fused cross-entropy works on row strips against the whole vocabulary, so when the loss is
 reduced and gradients are wanted it returns them from the forward pass (three GEMMs in all);
-the autograd backward then only scales them by the upstream gradient.
+the autograd backward then only scales them by the upstream gradient. A forward without
+gradients runs the chunked online algorithm; "none" recomputes the strips in backward.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from torch import Tensor
 
 from .._options import CrossEntropy, Similarity, accumulate_dtype
 from .chunked import _TILES, ChunkedBackend, reduce_rows, row_upstream
+
+# A strip holds R x V scores for R rows; measured best near 4 chunked tiles (64 MiB of float32 at
+# the default tile) at the SmolLM2 shape: GEMMs with R in the hundreds, epilogue rows in L2.
+STRIP_TILES = 4
 
 
 class CpuBackend(ChunkedBackend):
@@ -28,21 +33,19 @@ class CpuBackend(ChunkedBackend):
             weight = hidden.new_empty(0, dtype=accumulate_dtype(hidden.dtype))
         return self.ext.similarity_cross_entropy(
             hidden, bases, targets, sim.scale, sim.normalize, sim.eps, ce.ignore_index, ce.label_smoothing,
-            weight, need_hidden, need_bases, _TILES.max_elements,
+            weight, need_hidden, need_bases, STRIP_TILES * _TILES.max_elements,
         )
 
     def cross_entropy(self, hidden, bases, targets, sim, ce, need_hidden=False, need_bases=False):
+        if ce.reduction == "none" or not (need_hidden or need_bases):
+            # No gradients now: the chunked online log-sum-exp keeps its tiles in cache, which
+            # measured faster than a full-vocabulary strip (bench/results/foundation-cpu.md).
+            return super().cross_entropy(hidden, bases, targets, sim, ce)
         valid = targets != ce.ignore_index
-        grads_now = ce.reduction != "none" and (need_hidden or need_bases)
-        weight = None
-        if grads_now:
-            one = torch.ones((), dtype=accumulate_dtype(hidden.dtype))
-            weight = row_upstream(one, valid, ce.reduction)
-        per_row, lse, dh, db = self._fused(
-            hidden, bases, targets, sim, ce, weight, grads_now and need_hidden, grads_now and need_bases
-        )
+        weight = row_upstream(torch.ones((), dtype=accumulate_dtype(hidden.dtype)), valid, ce.reduction)
+        per_row, lse, dh, db = self._fused(hidden, bases, targets, sim, ce, weight, need_hidden, need_bases)
         return (reduce_rows(per_row, valid, ce.reduction), lse,
-                dh if grads_now and need_hidden else None, db if grads_now and need_bases else None)
+                dh if need_hidden else None, db if need_bases else None)
 
     def cross_entropy_backward(self, grad, hidden, bases, targets, lse, sim, ce, need_hidden, need_bases):
         weight = row_upstream(grad.to(lse.dtype), targets != ce.ignore_index, ce.reduction)
