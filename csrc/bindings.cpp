@@ -9,6 +9,8 @@ std::vector<at::Tensor> similarity_cross_entropy(const at::Tensor& hidden, const
                                                  double eps, int64_t ignore_index, double label_smoothing,
                                                  const at::Tensor& row_weight, bool need_hidden, bool need_bases,
                                                  int64_t max_strip_elements);
+std::vector<at::Tensor> similarity_topk(const at::Tensor& hidden, const at::Tensor& bases, int64_t k, double scale,
+                                        bool normalize, double eps, int64_t max_tile_elements);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,6 +24,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("normalize"), pybind11::arg("eps"), pybind11::arg("ignore_index"),
         pybind11::arg("label_smoothing"), pybind11::arg("row_weight"), pybind11::arg("need_hidden"),
         pybind11::arg("need_bases"), pybind11::arg("max_strip_elements"));
+  m.def("similarity_topk", &vocabsem::similarity_topk,
+        "Fused similarity top-k: GEMM tiles and a running per-row top-k; (values, indices), values descending",
+        pybind11::arg("hidden"), pybind11::arg("bases"), pybind11::arg("k"), pybind11::arg("scale"),
+        pybind11::arg("normalize"), pybind11::arg("eps"), pybind11::arg("max_tile_elements"));
 #ifdef VOCABSEM_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -4,7 +4,8 @@ algorithm (with C++ row norms) for the rest.
 The fused cross-entropy works on row strips against the whole vocabulary, so when the loss is
 reduced and gradients are wanted it returns them from the forward pass (three GEMMs in all);
 the autograd backward then only scales them by the upstream gradient. A forward without
-gradients runs the chunked online algorithm; "none" recomputes the strips in backward.
+gradients runs the chunked online algorithm; "none" recomputes the strips in backward. Top-k
+(and so hard assignment) scans GEMM tiles with a running per-row top-k in C++.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from torch import Tensor
 
 from .._options import CrossEntropy, Similarity, accumulate_dtype
 from .chunked import _TILES, ChunkedBackend, reduce_rows, row_upstream
+
+# The C++ top-k keeps each row's best k sorted and inserts by shifting: cheap for the k of
+# decoding, lenses and hard assignment; larger k takes the chunked path (torch.topk per tile).
+MAX_FUSED_K = 64
 
 # A strip holds R x V scores for R rows; measured best near 4 chunked tiles (64 MiB of float32 at
 # the default tile) at the SmolLM2 shape: GEMMs with R in the hundreds, epilogue rows in L2.
@@ -51,3 +56,11 @@ class CpuBackend(ChunkedBackend):
         weight = row_upstream(grad.to(lse.dtype), targets != ce.ignore_index, ce.reduction)
         _, _, dh, db = self._fused(hidden, bases, targets, sim, ce, weight, need_hidden, need_bases)
         return (dh if need_hidden else None), (db if need_bases else None)
+
+    def topk(self, hidden, bases, k: int, sim: Similarity):
+        if k > MAX_FUSED_K:
+            return super().topk(hidden, bases, k, sim)
+        values, indices = self.ext.similarity_topk(
+            hidden, bases, k, sim.scale, sim.normalize, sim.eps, _TILES.max_elements
+        )
+        return values, indices
