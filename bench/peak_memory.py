@@ -45,6 +45,8 @@ def _main(contender: str, shape_name: str, mode: str) -> None:
     hidden, bases, targets = workloads.make_inputs(shape)
 
     def run():
+        if mode == "hard_assign":
+            return workloads.hard_assign_step(contender, *workloads.assignment_inputs())
         if mode == "topk":
             return workloads.topk_step(contender, hidden, bases)
         return workloads.cross_entropy_step(contender, hidden, bases, targets, backward=(mode == "fwd+bwd"))

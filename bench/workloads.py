@@ -21,7 +21,11 @@ class Shape:
         return 2.0 * self.n * self.d * self.v
 
 
-SHAPES = {"smollm2": Shape("smollm2", 2048, 576, 49152)}
+SHAPES = {
+    "smollm2": Shape("smollm2", 2048, 576, 49152),
+    # Llama-3 head; N = 1024 keeps one forward+backward near 15 s on two cores
+    "llama3": Shape("llama3", 1024, 4096, 128256),
+}
 SCALE = 20.0  # a realistic inverse temperature for cosine logits
 
 
@@ -50,6 +54,16 @@ def _gemm_floor(h, b, backward: bool):
     return z[0, 0]
 
 
+_COMPILED = {}
+
+
+def _compiled_reference():
+    """torch.compile of the reference loss (inductor), compiled once per process."""
+    if "reference" not in _COMPILED:
+        _COMPILED["reference"] = torch.compile(vs.reference.similarity_cross_entropy)
+    return _COMPILED["reference"]
+
+
 def cross_entropy_step(contender: str, hidden, bases, targets, *, backward: bool = True):
     """One forward (+ backward) of the similarity cross-entropy; returns the loss."""
     if contender == "gemm_floor":
@@ -58,6 +72,8 @@ def cross_entropy_step(contender: str, hidden, bases, targets, *, backward: bool
     b = bases.detach().requires_grad_(backward)
     if contender == "reference":
         loss = vs.reference.similarity_cross_entropy(h, b, targets, scale=SCALE)
+    elif contender == "compiled_reference":
+        loss = _compiled_reference()(h, b, targets, scale=SCALE)
     elif contender == "linear_cross_entropy":
         loss = _linear_cross_entropy(h, b, targets)
     else:
@@ -65,6 +81,20 @@ def cross_entropy_step(contender: str, hidden, bases, targets, *, backward: bool
     if backward:
         loss.backward()
     return loss.detach()
+
+
+def hard_assign_step(contender: str, points, centroids):
+    """Best centroid by inner product for every point: (indices, scores)."""
+    if contender == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(points.shape[1])
+        index.add(centroids.numpy())
+        scores, indices = index.search(points.numpy(), 1)
+        return torch.from_numpy(indices[:, 0]), torch.from_numpy(scores[:, 0])
+    if contender == "reference":
+        return vs.reference.assign(points, centroids, hard=True, normalize=False)
+    return vs.assign(points, centroids, hard=True, normalize=False, impl=contender)
 
 
 def topk_step(contender: str, hidden, bases, k: int = 5):
@@ -76,3 +106,14 @@ def topk_step(contender: str, hidden, bases, k: int = 5):
 BACKENDS = [b for b in ("cpu", "torch") if b in vs.available_backends()]
 LOSS_CONTENDERS = ["reference", *BACKENDS, "linear_cross_entropy", "gemm_floor"]
 TOPK_CONTENDERS = ["reference", *BACKENDS]
+
+
+ASSIGNMENT = dict(n=100_000, k=1024, d=576)
+
+
+def assignment_inputs(seed: int = 0):
+    """Unit-norm points and centroids (so inner product = cosine, as faiss IndexFlatIP scores)."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.nn.functional.normalize(torch.randn(ASSIGNMENT["n"], ASSIGNMENT["d"], generator=g), dim=-1)
+    centroids = torch.nn.functional.normalize(torch.randn(ASSIGNMENT["k"], ASSIGNMENT["d"], generator=g), dim=-1)
+    return points, centroids

@@ -72,13 +72,11 @@ std::vector<at::Tensor> similarity_topk(const at::Tensor& hidden, const at::Tens
   at::Tensor indices = at::empty({n, k}, hidden.options().dtype(at::kLong));
   if (n == 0) return {values, indices};
 
-  at::Tensor H = hidden.to(acc);
-  at::Tensor inv_b;
+  // Row factors scale * / max(|h|, eps), applied a block at a time (no scaled copy of hidden).
+  at::Tensor row_factor, inv_b;
   if (normalize) {
-    H = H * (row_norms(hidden).clamp_min(eps).reciprocal() * scale).unsqueeze(1);
+    row_factor = row_norms(hidden).clamp_min(eps).reciprocal().mul_(scale).unsqueeze(1);
     inv_b = row_norms(bases).clamp_min(eps).reciprocal();
-  } else {
-    H = H * scale;
   }
   // Tiles of at most max_tile_elements scores: V-chunks of up to 8192 columns, as many rows as fit
   // (a small vocabulary of centroids gets tall tiles, which keeps the GEMMs efficient).
@@ -91,7 +89,12 @@ std::vector<at::Tensor> similarity_topk(const at::Tensor& hidden, const at::Tens
     for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
       const int64_t rows = std::min(block_rows, n - r0);
       std::fill(filled.begin(), filled.end(), 0);
-      const at::Tensor Hb = H.narrow(0, r0, rows);
+      at::Tensor Hb = hidden.narrow(0, r0, rows).to(acc);
+      if (normalize) {
+        Hb = Hb * row_factor.narrow(0, r0, rows);
+      } else if (scale != 1.0) {
+        Hb = Hb * scale;
+      }
       for (int64_t c0 = 0; c0 < v; c0 += chunk) {
         const int64_t cols = std::min(chunk, v - c0);
         at::Tensor tile = tile_buffer.narrow(0, 0, rows).narrow(1, 0, cols);
