@@ -142,6 +142,8 @@ def _cross_entropy_setup(ctx, inputs, output):
     ctx.options = options[:-2]  # without the grad_hidden / grad_bases requests
     loss, lse, dh, db = output
     ctx.mark_non_differentiable(lse, dh, db)
+    # Unused outputs get None as their gradient, not zeros: zeros_like(db) would be a V x d buffer.
+    ctx.set_materialize_grads(False)
     asked_hidden, asked_bases = options[-2], options[-1]
     complete = (dh.numel() > 0 or not asked_hidden) and (db.numel() > 0 or not asked_bases)
     precomputed = complete and (asked_hidden or asked_bases)
@@ -158,6 +160,8 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
     hidden, bases, targets, lse, *saved = ctx.saved_tensors
     early, ctx.early_grads = ctx.early_grads, None
+    if grad_loss is None:  # the loss was not used: nothing flows back
+        return (None,) * (3 + len(ctx.options) + 2)
     if early is not None:  # a reduced loss: the upstream gradient is a scalar
         dh, db = (g.mul_(grad_loss.to(g.dtype)) for g in early)
         return _needed(ctx, dh, db, 1 + len(ctx.options) + 2)
