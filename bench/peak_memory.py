@@ -39,14 +39,18 @@ def _main(contender: str, shape_name: str, mode: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import gc
 
+    import torch
     import workloads
 
-    shape = workloads.SHAPES[shape_name]
-    hidden, bases, targets = workloads.make_inputs(shape)
+    if mode == "hard_assign":
+        points, centroids = workloads.assignment_inputs()
+        hidden, bases, targets = points, centroids, torch.empty(0)
+    else:
+        hidden, bases, targets = workloads.make_inputs(workloads.SHAPES[shape_name])
 
     def run():
         if mode == "hard_assign":
-            return workloads.hard_assign_step(contender, *workloads.assignment_inputs())
+            return workloads.hard_assign_step(contender, hidden, bases)
         if mode == "topk":
             return workloads.topk_step(contender, hidden, bases)
         return workloads.cross_entropy_step(contender, hidden, bases, targets, backward=(mode == "fwd+bwd"))

@@ -79,7 +79,12 @@ std::vector<at::Tensor> similarity_cross_entropy(const at::Tensor& hidden, const
   // filled by the first strip's GEMM (beta = 0), accumulated by the others: no zero-fill pass
   at::Tensor grad_X = need_bases ? at::empty({v, bases.size(1)}, opts) : at::Tensor();
 
-  const int64_t strip_rows = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(n, 1), max_strip_elements / v));
+  // Every strip adds its G^T H into the whole (V, d) bases gradient, so the strip count is the
+  // number of passes over that gradient: keep strips at least d / 2 rows (the strip then holds at
+  // most half as many scores as the gradient has entries) so that large heads are not swept
+  // dozens of times; otherwise max_strip_elements bounds the strip.
+  const int64_t wanted_rows = std::max<int64_t>(max_strip_elements / v, need_bases ? hidden.size(1) / 2 : 1);
+  const int64_t strip_rows = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(n, 1), wanted_rows));
   at::Tensor strip_buffer = at::empty({strip_rows, v}, opts);
   const at::Tensor weight = need_grad ? row_weight.to(acc).contiguous() : at::Tensor();
 
