@@ -59,3 +59,15 @@ class WordTokenizer:
     def decode(self, ids) -> str:
         inverse = {i: w for w, i in self.vocab.items()}
         return "".join(inverse.get(i, f"<{i}>").replace("Ġ", " ") for i in ids)
+
+
+def word_tokenizer_fast(words: list[str]):
+    """A real (fast) Hugging Face tokenizer over a word-level vocabulary, built in memory:
+    supports batches, padding and padding_side like any pretrained one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
