@@ -27,8 +27,9 @@ def test_shared_sets_load_with_their_declared_sizes(name):
     assert all(data.test[0].fields[f] in prompt for f in data.text_fields)
     assert "{" not in prompt and prompt.endswith(":")
     assert all(e.label is not None for e in data.train)
-    # CB's and RTE's public test sets carry no labels: evaluation holds out part of train instead
-    assert data.test_labelled == (name not in ("cb", "rte"))
+    # CB's and RTE's public test sets carry no labels and SST-2's only placeholders (all "0"):
+    # evaluation holds out part of train instead
+    assert data.test_labelled == (name not in ("cb", "rte", "sst2"))
     usable = data.with_labelled_test(seed=0)
     assert usable.test_labelled and 0 <= usable.label_index(usable.test[0]) < len(usable.labels)
     if not data.test_labelled:
@@ -122,3 +123,10 @@ def test_positional_sentence_fields_and_unlabelled_splits(tmp_path):
                                      + json.dumps({"premise": "p", "hypothesis": "h", "label": "yes"}))
     with pytest.raises(ValueError, match="some records have a label"):
         load_folder(root)
+
+
+def test_a_single_class_test_split_counts_as_unlabelled(tmp_path):
+    data = load_folder(_write_folder(tmp_path / "placeholder"))
+    data.train.append(Example({"sentence": "meh"}, "0"))  # train has two classes, test only "0"
+    assert not data.test_labelled
+    assert data.with_labelled_test(seed=0).test_labelled

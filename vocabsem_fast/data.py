@@ -50,7 +50,12 @@ class ClassificationData:
 
     @property
     def test_labelled(self) -> bool:
-        return all(e.label is not None for e in self.test)
+        """False when the test split has no labels, or only placeholder ones: a single class
+        throughout while training has several (SST-2's public test set, exported with every
+        label "0")."""
+        if any(e.label is None for e in self.test):
+            return False
+        return len({e.label for e in self.test}) > 1 or len({e.label for e in self.train}) <= 1
 
     def with_labelled_test(self, seed: int, fraction: float = 0.2) -> ClassificationData:
         """This data set if its test split is labelled; otherwise a copy whose test split is a
