@@ -68,10 +68,12 @@ class SemanticBasis:
     ``" word"``; its last token when it splits) and ``for_words(words)`` returns their bases.
     """
 
-    def __init__(self, vectors: Tensor, *, tokenizer=None, head_sha256: str | None = None):
+    def __init__(self, vectors: Tensor, *, tokenizer=None, head_sha256: str | None = None,
+                 model_name: str | None = None):
         self.vectors = vectors
         self.tokenizer = tokenizer
         self.head_sha256 = head_sha256
+        self.model_name = model_name  # where a missing tokenizer is loaded from
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
@@ -98,18 +100,16 @@ class SemanticBasis:
         if vectors is None:
             vectors = semantic_bases(weight.detach().cpu(), rcond=rcond)
             _save_cached(path, key, vectors)
-        basis = cls(vectors, tokenizer=tokenizer, head_sha256=key)
-        basis._model_name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-        return basis
+        name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        return cls(vectors, tokenizer=tokenizer, head_sha256=key, model_name=name)
 
     def _tokenizer(self):
         if self.tokenizer is None:
-            name = getattr(self, "_model_name", None)
-            if not name:
+            if not self.model_name:
                 raise ValueError("this SemanticBasis has no tokenizer: pass tokenizer= to from_model")
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
         return self.tokenizer
 
     def token_ids(self, words: Sequence[str], *, prefix_space: bool = True) -> Tensor:
@@ -138,9 +138,8 @@ class SemanticBasis:
         return self.vectors[self.token_ids(words, prefix_space=prefix_space)]
 
     def to(self, *args, **kwargs) -> SemanticBasis:
-        moved = SemanticBasis(self.vectors.to(*args, **kwargs), tokenizer=self.tokenizer, head_sha256=self.head_sha256)
-        moved._model_name = getattr(self, "_model_name", None)
-        return moved
+        return SemanticBasis(self.vectors.to(*args, **kwargs), tokenizer=self.tokenizer,
+                             head_sha256=self.head_sha256, model_name=self.model_name)
 
 
 def _cache_key(weight: Tensor, rcond: float | None) -> str:

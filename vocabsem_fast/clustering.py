@@ -87,8 +87,9 @@ class VDSClassifier:
     def fit(self, reps: Representations, labels: Tensor) -> VDSClassifier:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.module = SemanticClustering(self.bases.shape[1])
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG left as it was
+            torch.manual_seed(cfg.seed)
+            self.module = SemanticClustering(self.bases.shape[1])
         optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         labels = labels.long()
         self.module.train()

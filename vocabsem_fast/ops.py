@@ -89,6 +89,13 @@ _logits_op.register_autograd(_logits_autograd, setup_context=_logits_setup)
 
 
 # --- similarity cross-entropy ---------------------------------------------------------------------
+def _forward_gradients(impl: str, reduction: str, grad_hidden: bool, grad_bases: bool) -> tuple[bool, bool]:
+    """Which gradients the cross-entropy op returns from its forward pass: those asked for, when
+    the loss is reduced and the backend forms them there (data-independent, so the fake agrees)."""
+    early = reduction != "none" and backends.get(impl).gradients_in_forward
+    return early and grad_hidden, early and grad_bases
+
+
 @torch.library.custom_op(f"{_LIB}::similarity_cross_entropy", mutates_args=())
 def _cross_entropy_op(
     hidden: Tensor, bases: Tensor, targets: Tensor, scale: float, normalize: bool, eps: float,
@@ -111,10 +118,7 @@ def _(hidden, bases, targets, scale, normalize, eps, ignore_index, reduction, la
     acc = accumulate_dtype(hidden.dtype)
     n = hidden.shape[0]
     loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
-    # whether a backend precomputes gradients is data-independent but backend-specific: the fake
-    # mirrors the backend's answer so compiled graphs see the true shapes
-    early = reduction != "none" and backends.get(impl).gradients_in_forward
-    dh, db = _fake_grads(hidden, bases, early and grad_hidden, early and grad_bases)
+    dh, db = _fake_grads(hidden, bases, *_forward_gradients(impl, reduction, grad_hidden, grad_bases))
     return loss, hidden.new_empty(n, dtype=acc), dh, db
 
 
@@ -140,13 +144,13 @@ def _(grad, hidden, bases, targets, lse, scale, normalize, eps, ignore_index, re
 def _cross_entropy_setup(ctx, inputs, output):
     hidden, bases, targets, *options = inputs
     ctx.options = options[:-2]  # without the grad_hidden / grad_bases requests
+    ctx.n_inputs = len(inputs)
     loss, lse, dh, db = output
     ctx.mark_non_differentiable(lse, dh, db)
     # Unused outputs get None as their gradient, not zeros: zeros_like(db) would be a V x d buffer.
     ctx.set_materialize_grads(False)
-    asked_hidden, asked_bases = options[-2], options[-1]
-    complete = (dh.numel() > 0 or not asked_hidden) and (db.numel() > 0 or not asked_bases)
-    precomputed = complete and (asked_hidden or asked_bases)
+    impl, reduction = options[-3], options[-5]
+    precomputed = any(_forward_gradients(impl, reduction, options[-2], options[-1]))
     # In eager mode gradients formed in the forward pass stay outside the saved tensors: the first
     # backward scales them in place and drops them, so no second gradient-sized buffer exists (a
     # later backward under retain_graph finds none and recomputes). Tracers (torch.compile,
@@ -160,18 +164,18 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
     hidden, bases, targets, lse, *saved = ctx.saved_tensors
     early, ctx.early_grads = ctx.early_grads, None
+    rest = ctx.n_inputs - 2  # inputs after hidden and bases: never differentiable
     if grad_loss is None:  # the loss was not used: nothing flows back
-        return (None,) * (3 + len(ctx.options) + 2)
+        return (None,) * ctx.n_inputs
     if early is not None:  # a reduced loss: the upstream gradient is a scalar
         dh, db = (g.mul_(grad_loss.to(g.dtype)) for g in early)
-        return _needed(ctx, dh, db, 1 + len(ctx.options) + 2)
-    if saved:
+    elif saved:
         dh, db = (g * grad_loss.to(g.dtype) for g in saved)
-        return _needed(ctx, dh, db, 1 + len(ctx.options) + 2)
-    dh, db = _cross_entropy_backward_op(
-        grad_loss, hidden, bases, targets, lse, *ctx.options, *ctx.needs_input_grad[:2]
-    )
-    return _needed(ctx, dh, db, 1 + len(ctx.options) + 2)
+    else:
+        dh, db = _cross_entropy_backward_op(
+            grad_loss, hidden, bases, targets, lse, *ctx.options, *ctx.needs_input_grad[:2]
+        )
+    return _needed(ctx, dh, db, rest)
 
 
 _cross_entropy_op.register_autograd(_cross_entropy_autograd, setup_context=_cross_entropy_setup)

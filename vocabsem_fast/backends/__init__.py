@@ -39,20 +39,16 @@ def _import_extension():
 _EXTENSION = _import_extension()
 
 
-def _extension():
-    return _EXTENSION
-
-
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run on this machine, or None when it can."""
     if name == "torch":
         return None
     if name == "cpu":
-        return _extension()[1]
+        return _EXTENSION[1]
     if name == "triton":
         return "the triton backend has no kernels in this version of vocabsem_fast"
     if name == "cuda":
-        ext, reason = _extension()
+        ext, reason = _EXTENSION
         if ext is None:
             return reason
         if not getattr(ext, "with_cuda", False):
@@ -90,7 +86,7 @@ def get(name: str):
     if name == "torch":
         return ChunkedBackend("torch", torch_row_norms)
     if name == "cpu":
-        ext, reason = _extension()
+        ext, reason = _EXTENSION
         if ext is None:
             raise RuntimeError(f"impl='cpu' is not available: {reason}")
         from .cpu import CpuBackend  # noqa: PLC0415

@@ -32,10 +32,9 @@ class CpuBackend(ChunkedBackend):
         super().__init__("cpu", ext.row_norms)
         self.ext = ext
 
-    def _fused(self, hidden, bases, targets, sim: Similarity, ce: CrossEntropy, weight: Tensor | None,
+    def _fused(self, hidden, bases, targets, sim: Similarity, ce: CrossEntropy, weight: Tensor,
                need_hidden: bool, need_bases: bool):
-        if weight is None:
-            weight = hidden.new_empty(0, dtype=accumulate_dtype(hidden.dtype))
+        """The C++ strips: per-row loss, lse and the gradients of sum_i weight_i * loss_i."""
         return self.ext.similarity_cross_entropy(
             hidden, bases, targets, sim.scale, sim.normalize, sim.eps, ce.ignore_index, ce.label_smoothing,
             weight, need_hidden, need_bases, STRIP_TILES * _TILES.max_elements,
@@ -60,7 +59,4 @@ class CpuBackend(ChunkedBackend):
     def topk(self, hidden, bases, k: int, sim: Similarity):
         if k > MAX_FUSED_K:
             return super().topk(hidden, bases, k, sim)
-        values, indices = self.ext.similarity_topk(
-            hidden, bases, k, sim.scale, sim.normalize, sim.eps, _TILES.max_elements
-        )
-        return values, indices
+        return tuple(self.ext.similarity_topk(hidden, bases, k, sim.scale, sim.normalize, sim.eps, _TILES.max_elements))
