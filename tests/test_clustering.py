@@ -53,3 +53,23 @@ def test_bad_options_are_rejected():
         VDSClassifier(bases, ids, config=FitConfig(train_logits="xx"))
     with pytest.raises(ValueError, match="head_weight"):
         VDSClassifier(bases, ids, config=FitConfig(predict_logits="mm"))
+
+
+def test_channel_attention_readings():
+    d = 64
+    pooled = SemanticClustering(d)
+    last = SemanticClustering(d, attention="last")
+    last.load_state_dict(pooled.state_dict())
+    r, mean, peak = torch.randn(3, 7, d), torch.randn(3, 7, d), torch.randn(3, 7, d)
+    # "last" feeds the last-token vector to both branches: "pooled" given (r, r, r)
+    torch.testing.assert_close(last(r, mean, peak), pooled(r, r, r))
+    assert not torch.allclose(pooled(r, mean, peak), pooled(r, r, r))
+    none = SemanticClustering(d, attention="none")
+    assert sum(p.numel() for p in none.parameters()) == sum(
+        p.numel() for name, p in pooled.named_parameters() if not name.startswith("bottleneck"))
+    torch.testing.assert_close(none(r), none.norm(none.mlp(r)))
+    with pytest.raises(ValueError, match="attention"):
+        SemanticClustering(d, attention="spatial")
+    for bad in (dict(scale=0.0), dict(epochs=0), dict(batch_size=2.5), dict(attention="x")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FitConfig(**bad)

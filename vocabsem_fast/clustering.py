@@ -7,6 +7,9 @@ semantic basis of its label word; prediction is the nearest label basis.
 Bn is one bottleneck d -> d/16 -> d shared by both branches (CBAM-style channel attention, d^2/8
 parameters) over the mean- and max-pooled last-layer states of the prompt; the MLP is
 d -> 2d -> d (4 d^2), about 33/8 d^2 in all, the paper's count.
+
+``attention`` selects the reading of CA: "pooled" (the above), "last" (both branches read the
+last-token vector itself, CA = sigmoid(2 Bn(r))) or "none" (no channel attention: LN(MLP(r))).
 """
 
 from __future__ import annotations
@@ -20,24 +23,33 @@ from .ops import similarity_cross_entropy, similarity_logits
 from .representations import Representations
 
 TRAIN_LOGITS = ("sm", "mm", "sm-gt")
+ATTENTION = ("pooled", "last", "none")
 PREDICT_LOGITS = ("sm", "mm")
 
 
 class SemanticClustering(nn.Module):
-    def __init__(self, d: int, *, reduction: int = 16, expansion: int = 2):
+    def __init__(self, d: int, *, reduction: int = 16, expansion: int = 2, attention: str = "pooled"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        self.attention = attention
         hidden = max(1, d // reduction)
-        self.bottleneck = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
+        if attention != "none":
+            self.bottleneck = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
         self.mlp = nn.Sequential(nn.Linear(d, expansion * d), nn.GELU(), nn.Linear(expansion * d, d))
         self.norm = nn.LayerNorm(d)
 
     def forward(self, last: Tensor, mean: Tensor | None = None, peak: Tensor | None = None) -> Tensor:
         """last, mean, peak: (..., d) last-token state and the mean / max over the prompt's tokens
-        (both default to ``last``, the single-vector reading)."""
+        (both default to ``last``; only the "pooled" reading uses them)."""
+        if self.attention == "none":
+            return self.norm(self.mlp(last))
+        if self.attention == "last":
+            mean = peak = last
         mean = last if mean is None else mean
         peak = last if peak is None else peak
-        attention = torch.sigmoid(self.bottleneck(mean) + self.bottleneck(peak))
-        return self.norm(self.mlp(last * attention))
+        weights = torch.sigmoid(self.bottleneck(mean) + self.bottleneck(peak))
+        return self.norm(self.mlp(last * weights))
 
 
 @dataclass
@@ -49,7 +61,20 @@ class FitConfig:
     weight_decay: float = 0.01
     train_logits: str = "sm"  # "sm": similarity over all V; "mm": the LM head; "sm-gt": gt basis only
     predict_logits: str = "sm"
+    attention: str = "pooled"  # reading of the channel attention, see SemanticClustering
     seed: int = 0
+
+    def __post_init__(self):
+        for name, allowed in (("train_logits", TRAIN_LOGITS), ("predict_logits", PREDICT_LOGITS),
+                              ("attention", ATTENTION)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("scale", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
 
 
 class VDSClassifier:
@@ -59,17 +84,13 @@ class VDSClassifier:
     def __init__(self, bases: Tensor, label_token_ids: Tensor, *, head_weight: Tensor | None = None,
                  head_bias: Tensor | None = None, config: FitConfig | None = None):
         self.config = config or FitConfig()
-        if self.config.train_logits not in TRAIN_LOGITS:
-            raise ValueError(f"train_logits must be one of {TRAIN_LOGITS}, got {self.config.train_logits!r}")
-        if self.config.predict_logits not in PREDICT_LOGITS:
-            raise ValueError(f"predict_logits must be one of {PREDICT_LOGITS}, got {self.config.predict_logits!r}")
         if "mm" in (self.config.train_logits, self.config.predict_logits) and head_weight is None:
             raise ValueError("the 'mm' (LM-head) logits need head_weight")
         self.bases = bases.float()
         self.label_token_ids = label_token_ids.long()
         self.head_weight = None if head_weight is None else head_weight.detach().float()
         self.head_bias = None if head_bias is None else head_bias.detach().float()
-        self.module = SemanticClustering(bases.shape[1])
+        self.module = SemanticClustering(bases.shape[1], attention=self.config.attention)
 
     def _loss(self, out: Tensor, labels: Tensor) -> Tensor:
         cfg = self.config
@@ -89,7 +110,7 @@ class VDSClassifier:
         generator = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG left as it was
             torch.manual_seed(cfg.seed)
-            self.module = SemanticClustering(self.bases.shape[1])
+            self.module = SemanticClustering(self.bases.shape[1], attention=cfg.attention)
         optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         labels = labels.long()
         self.module.train()

@@ -44,17 +44,25 @@ def _cache_path(cache_dir: Path, fingerprint: str, prompts: list[str]) -> Path:
     return cache_dir / f"reps-{digest[:32]}.safetensors"
 
 
-@torch.no_grad()
-def _encode_batch(model, tokenizer, prompts: list[str]) -> Representations:
+def batch_inputs(tokenizer, prompts: list[str], device, *, max_length: int | None = None):
+    """``(input_ids, attention_mask, position_ids)`` of a left-padded batch, so that every prompt
+    ends at the last column. ``max_length`` keeps a long prompt's last tokens."""
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, truncation=max_length is not None,
+                        max_length=max_length)
     ids = encoded["input_ids"].to(device)
     mask = encoded["attention_mask"].to(device)
     # positions count real tokens only, so left padding does not shift them
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, positions
+
+
+@torch.no_grad()
+def _encode_batch(model, tokenizer, prompts: list[str]) -> Representations:
+    ids, mask, positions = batch_inputs(tokenizer, prompts, next(model.parameters()).device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
     states = out.hidden_states[-1].float()  # HF applies the final norm to the last entry
     keep = mask.bool().unsqueeze(-1)
@@ -65,7 +73,7 @@ def _encode_batch(model, tokenizer, prompts: list[str]) -> Representations:
 
 
 def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache_dir: str | os.PathLike | None = None,
-            use_cache: bool = True, progress: bool = True) -> Representations:
+            use_cache: bool = True, progress: bool = True, desc: str = "representations") -> Representations:
     """Representations of ``prompts`` (in order), computed in batches or read from the cache."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,7 +95,7 @@ def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="representations", unit="batch", leave=False)
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False)
     for start in batches:
         parts.append(_encode_batch(model, tokenizer, [prompts[i] for i in order[start:start + batch_size]]))
     if parts:
