@@ -39,6 +39,22 @@ def _import_extension():
 _EXTENSION = _import_extension()
 
 
+def _triton_reason() -> str | None:
+    """Triton runs on a CUDA GPU, or on the CPU under its interpreter (TRITON_INTERPRET=1, for tests)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.is_available():
+        return None
+    return "no CUDA GPU (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU, slowly)"
+
+
+_TRITON_REASON = _triton_reason()
+TRITON_INTERPRETING = _TRITON_REASON is None and not torch.cuda.is_available()
+
+
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run on this machine, or None when it can."""
     if name == "torch":
@@ -46,7 +62,7 @@ def unavailable_reason(name: str) -> str | None:
     if name == "cpu":
         return _EXTENSION[1]
     if name == "triton":
-        return "the triton backend has no kernels in this version of vocabsem_fast"
+        return _TRITON_REASON
     if name == "cuda":
         ext, reason = _EXTENSION
         if ext is None:
@@ -75,6 +91,8 @@ def resolve(impl: str, device: torch.device) -> str:
         raise RuntimeError(f"impl={impl!r} is not available: {reason}")
     if impl == "cpu" and device.type != "cpu":
         raise RuntimeError(f"impl='cpu' runs on CPU tensors only; the inputs are on {device}")
+    if impl == "triton" and TRITON_INTERPRETING:
+        return impl  # the interpreter runs Triton kernels on CPU tensors
     if impl in ("cuda", "triton") and not gpu:
         raise RuntimeError(f"impl={impl!r} runs on CUDA tensors only; the inputs are on {device}")
     return impl
@@ -92,4 +110,8 @@ def get(name: str):
         from .cpu import CpuBackend  # noqa: PLC0415
 
         return CpuBackend(ext)
+    if name == "triton" and _TRITON_REASON is None:
+        from .triton import TritonBackend  # noqa: PLC0415
+
+        return TritonBackend()
     raise RuntimeError(f"impl={name!r} is not available: {unavailable_reason(name)}")

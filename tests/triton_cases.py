@@ -1,0 +1,114 @@
+"""The triton backend against the reference, run by test_triton_interpreter.py in a separate
+process under TRITON_INTERPRET=1 (the interpreter must be chosen before triton compiles anything,
+and it is slow, so these cases are few and small). On a CUDA machine this file runs as is:
+``python -m pytest tests/triton_cases.py`` (then on the GPU, with CUDA tensors).
+
+Shapes are odd and span several row and vocabulary blocks of the kernels (64 x 64 tiles)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vocabsem_fast as vs
+from vocabsem_fast import backends
+from vocabsem_fast import reference as ref
+
+from helpers import assert_error_bound, make, make_targets
+
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton") is not None,
+                                reason=f"triton backend unavailable: {backends.unavailable_reason('triton')}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES = {"N37-d59-V1025": (37, 59, 1025), "N70-d130-V301": (70, 130, 301), "N5-d1-V200": (5, 1, 200)}
+LOSSES = {  # (reduction, label_smoothing, normalize, scale)
+    "mean": ("mean", 0.0, True, 20.0),
+    "sum-smooth": ("sum", 0.1, True, 20.0),
+    "none-raw": ("none", 0.0, False, 0.5),
+}
+
+
+def _slack(dtype):
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cross_entropy_and_gradients(shape, dtype, loss):
+    n, d, v = SHAPES[shape]
+    reduction, smoothing, normalize, scale = LOSSES[loss]
+    dt = DTYPES[dtype]
+    h64, b64 = make(n, d, dtype=torch.float64), make(v, d, dtype=torch.float64)
+    targets = make_targets((n,), v).to(DEVICE)
+    upstream = torch.rand(n, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    outs = {}
+    for name, x_dtype, impl in (("triton", dt, "triton"), ("ref", dt, None), ("truth", torch.float64, None)):
+        h = h64.to(DEVICE, x_dtype).requires_grad_(True)
+        b = b64.to(DEVICE, x_dtype).requires_grad_(True)
+        kwargs = dict(scale=scale, normalize=normalize, reduction=reduction, label_smoothing=smoothing)
+        out = (vs.similarity_cross_entropy(h, b, targets, impl=impl, **kwargs) if impl
+               else ref.similarity_cross_entropy(h, b, targets, **kwargs))
+        (out.double() * upstream.to(DEVICE)).sum().backward()
+        outs[name] = (out.detach().cpu(), h.grad.cpu(), b.grad.cpu())
+    for i, part in enumerate(("loss", "grad hidden", "grad bases")):
+        assert_error_bound(outs["triton"][i].double(), outs["ref"][i].double(), outs["truth"][i],
+                           name=f"{shape} {dtype} {loss} {part}", slack=_slack(dt))
+
+
+@pytest.mark.parametrize("k", [1, 5, 17])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_topk(k, dtype):
+    dt = DTYPES[dtype]
+    h64, b64 = make(41, 67, dtype=torch.float64), make(333, 67, dtype=torch.float64)
+    values, indices = vs.similarity_topk(h64.to(DEVICE, dt), b64.to(DEVICE, dt), k=k, scale=3.0, impl="triton")
+    ref_values, _ = ref.similarity_topk(h64.to(dt), b64.to(dt), k=k, scale=3.0)
+    truth = ref.similarity_logits(h64, b64, scale=3.0)
+    true_values = truth.topk(k, dim=1).values
+    assert_error_bound(values.cpu().double(), ref_values.double(), true_values, name="top-k values",
+                       slack=_slack(dt))
+    # the indices name columns whose true scores are the top values (robust to near ties)
+    assert_error_bound(truth.gather(1, indices.cpu()), ref_values.double(), true_values, name="top-k indices",
+                       slack=_slack(dt))
+    assert bool((values[:, :-1] >= values[:, 1:]).all()), "top-k values are not sorted"
+    hard_idx, _ = vs.assign(h64.to(DEVICE, dt), b64.to(DEVICE, dt), hard=True, impl="triton")
+    assert torch.equal(hard_idx.cpu(), indices[:, 0].cpu())
+
+
+@pytest.mark.parametrize("k", [13, 200])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_soft_assign_and_gradients(k, dtype):
+    dt = DTYPES[dtype]
+    p64, c64 = make(2, 37, 59, dtype=torch.float64), make(2, k, 59, dtype=torch.float64)
+    upstream = torch.randn(2, 37, k, dtype=torch.float64)
+    outs = {}
+    for name, x_dtype, impl in (("triton", dt, "triton"), ("ref", dt, None), ("truth", torch.float64, None)):
+        p = p64.to(DEVICE, x_dtype).requires_grad_(True)
+        c = c64.to(DEVICE, x_dtype).requires_grad_(True)
+        out = (vs.assign(p, c, temperature=0.1, impl=impl) if impl else ref.assign(p, c, temperature=0.1))
+        (out.double() * upstream.to(DEVICE)).sum().backward()
+        outs[name] = (out.detach().cpu(), p.grad.cpu(), c.grad.cpu())
+    for i, part in enumerate(("probabilities", "grad points", "grad centroids")):
+        assert_error_bound(outs["triton"][i].double(), outs["ref"][i].double(), outs["truth"][i],
+                           name=f"soft assign {dtype} k={k} {part}", slack=_slack(dt))
+
+
+def test_gradient_filtering():
+    """A threshold below every |gradient| keeps all tiles (exact); one above all of them skips
+    every tile, so both gradients are exactly zero."""
+    backend = backends.get("triton")
+    h = make(37, 59).to(DEVICE).requires_grad_(True)
+    b = make(301, 59).to(DEVICE).requires_grad_(True)
+    targets = make_targets((37,), 301).to(DEVICE)
+    exact = torch.autograd.grad(vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl="triton"), (h, b))
+    try:
+        backend.filter_eps = 1e-30
+        kept = torch.autograd.grad(vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl="triton"), (h, b))
+        backend.filter_eps = 1e6
+        skipped = torch.autograd.grad(vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl="triton"), (h, b))
+    finally:
+        backend.filter_eps = 0.0
+    for e, k in zip(exact, kept):
+        assert torch.equal(e, k)
+    assert all(bool((g == 0).all()) for g in skipped)
