@@ -42,7 +42,8 @@ def test_extension_row_norms_match_torch():
 
 @pytest.mark.parametrize("impl", ["triton", "cuda"])
 def test_gpu_backends_report_why_they_are_unavailable(impl):
-    assert impl not in vs.available_backends()
+    if impl in vs.available_backends():
+        pytest.skip(f"{impl} is available on this machine: nothing to report")
     with pytest.raises(RuntimeError, match=f"impl='{impl}' is not available: .+"):
         vs.similarity_topk(torch.randn(2, 3), torch.randn(5, 3), 1, impl=impl)
 
