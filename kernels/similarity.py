@@ -10,8 +10,8 @@ rows; the caller applies the exact gradient of the normalisation (O(N d + V d)).
   log-sum-exp, gathering the target logit (and the logit sum, for label smoothing) on the way.
 * ``cross_entropy_backward``: one program per (row block, V block) tile recomputes the scores,
   forms ``upstream * (softmax - (1 - ls) onehot - ls / V)`` and adds its two products into fp32
-  gradient buffers with atomics. Tiles whose largest |gradient| is below ``filter_eps`` may be
-  skipped (off by default: exact).
+  gradient buffers with atomics. Tiles whose largest |softmax - target| is below ``filter_eps``
+  may be skipped (off by default: exact).
 * ``topk``: one program per block of rows keeps a running top-k across V blocks.
 * ``soft_assign``: batched softmax over K centroids for blocks of points, K in one tile.
 
@@ -119,12 +119,14 @@ def _ce_backward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, lse_ptr, w_pt
     z = _scaled(acc, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, scale, NORMALIZE)
     g = tl.exp(z - lse[:, None]) - smoothing / V
     g -= tl.where(cols[None, :] == target[:, None], 1.0 - smoothing, 0.0)
-    g = tl.where(row_mask[:, None] & col_mask[None, :], g * (upstream * scale)[:, None], 0.0)
-    # gradient filtering: a tile whose every |gradient| is below filter_eps adds nothing
+    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+    # gradient filtering (as CCE does): skip the products of a tile whose every
+    # |softmax - target| is below filter_eps, before the upstream scale
     d_end = D
     if FILTER:
         if tl.max(tl.abs(g)) < filter_eps:
             d_end = 0
+    g = g * (upstream * scale)[:, None]
     # d(score)/d(normalised h) = scale * normalised b: fold each side's inverse norm into g
     if NORMALIZE:
         ih = tl.load(inv_h_ptr + rows, mask=row_mask, other=0.0)
@@ -225,6 +227,32 @@ def _upcast(x: torch.Tensor) -> bool:
 FP32_PRECISION = "ieee"
 
 
+# Opt-in autotuning (VOCABSEM_TRITON_AUTOTUNE=1): each call shape (N, V, D) is timed over the
+# configurations below once per process. Off by default: the pinned configurations above are
+# deterministic and cost no tuning time. The interpreter cannot autotune.
+AUTOTUNE = os.environ.get("VOCABSEM_TRITON_AUTOTUNE", "0") == "1" and not INTERPRETING
+TUNING_SPACE = [  # BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages
+    (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3),
+    (128, 128, 64, 8, 4), (256, 64, 32, 8, 3),
+]
+_TUNED: dict = {}
+
+
+def _launch(kernel, pinned: dict, grid_of, args: tuple, constexprs: dict, reset_to_zero=None) -> None:
+    """Launch ``kernel`` with its pinned configuration, or through triton.autotune when opted in
+    (``reset_to_zero`` names the accumulated outputs a tuning run must clear)."""
+    if not AUTOTUNE:
+        kernel[grid_of(pinned)](*args, **constexprs, **pinned)
+        return
+    tuned = _TUNED.get(kernel)
+    if tuned is None:
+        configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd), num_warps=w, num_stages=st)
+                   for bn, bv, bd, w, st in TUNING_SPACE]
+        tuned = _TUNED[kernel] = triton.autotune(configs=configs, key=["N", "V", "D"],
+                                                 reset_to_zero=reset_to_zero)(kernel)
+    tuned[grid_of](*args, **constexprs)
+
+
 def _inverse_or_dummy(inv, like):
     return inv if inv is not None else like.new_empty(1, dtype=torch.float32)
 
@@ -238,13 +266,11 @@ def cross_entropy_forward(hidden, bases, targets, inv_h, inv_b, scale: float, ig
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return loss, lse
-    cfg = FORWARD
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _ce_forward_kernel[grid](
-        hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), loss, lse,
-        n, v, d, hidden.stride(0), bases.stride(0), float(scale), int(ignore_index), float(smoothing),
-        NORMALIZE=inv_h is not None, SMOOTH=smoothing > 0, UPCAST=_upcast(hidden), PRECISION=FP32_PRECISION,
-        **cfg)
+    _launch(_ce_forward_kernel, FORWARD, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
+            (hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), loss, lse,
+             n, v, d, hidden.stride(0), bases.stride(0), float(scale), int(ignore_index), float(smoothing)),
+            dict(NORMALIZE=inv_h is not None, SMOOTH=smoothing > 0, UPCAST=_upcast(hidden),
+                 PRECISION=FP32_PRECISION))
     return loss, lse
 
 
@@ -257,16 +283,16 @@ def cross_entropy_backward(hidden, bases, targets, inv_h, inv_b, lse, upstream, 
     db = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_bases else None
     if n == 0 or not (need_hidden or need_bases):
         return dh, db
-    cfg = BACKWARD
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
     dummy = hidden.new_empty(1, dtype=torch.float32)
-    _ce_backward_kernel[grid](
-        hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), lse,
-        upstream.to(torch.float32).contiguous(), dh if need_hidden else dummy, db if need_bases else dummy,
-        n, v, d, hidden.stride(0), bases.stride(0), float(scale), int(ignore_index), float(smoothing),
-        float(filter_eps), NORMALIZE=inv_h is not None, UPCAST=_upcast(hidden), PRECISION=FP32_PRECISION,
-        NEED_H=need_hidden,
-        NEED_B=need_bases, FILTER=filter_eps > 0, **cfg)
+    _launch(_ce_backward_kernel, BACKWARD,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"])),
+            (hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), lse,
+             upstream.to(torch.float32).contiguous(), dh if need_hidden else dummy, db if need_bases else dummy,
+             n, v, d, hidden.stride(0), bases.stride(0), float(scale), int(ignore_index), float(smoothing),
+             float(filter_eps)),
+            dict(NORMALIZE=inv_h is not None, UPCAST=_upcast(hidden), PRECISION=FP32_PRECISION, NEED_H=need_hidden,
+                 NEED_B=need_bases, FILTER=filter_eps > 0),
+            reset_to_zero=["dh_ptr", "db_ptr"])
     return dh, db
 
 
@@ -278,11 +304,11 @@ def topk(hidden, bases, inv_h, inv_b, scale: float, k: int):
     indices = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
     if n == 0:
         return values, indices
-    cfg = TOPK
-    _topk_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        hidden, bases, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), values, indices,
-        n, v, d, hidden.stride(0), bases.stride(0), float(scale), K=k, K_PAD=triton.next_power_of_2(k),
-        NORMALIZE=inv_h is not None, UPCAST=_upcast(hidden), PRECISION=FP32_PRECISION, **cfg)
+    _launch(_topk_kernel, TOPK, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
+            (hidden, bases, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), values, indices,
+             n, v, d, hidden.stride(0), bases.stride(0), float(scale)),
+            dict(K=k, K_PAD=triton.next_power_of_2(k), NORMALIZE=inv_h is not None, UPCAST=_upcast(hidden),
+                 PRECISION=FP32_PRECISION))
     order = values.argsort(dim=1, descending=True, stable=True)  # slots are unordered: sort the k
     return values.gather(1, order), indices.gather(1, order)
 
