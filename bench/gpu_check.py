@@ -14,7 +14,8 @@ Run on a CUDA machine after ``bench/gpu_check.sh`` has built the package (it cal
    ``normalize=False``), and a plain bf16 GEMM of the same size (the throughput ceiling). For each:
    median time (CUDA events), TFLOP/s counting 2 N d V per GEMM (1 forward, 2 backward), the
    fraction of the measured GEMM rate, and the peak memory above the inputs.
-3. Top-k (k = 5) and hard assignment timings, triton against the reference.
+3. Top-k (k = 5), hard assignment and k-means timings of the fused backends against the
+   materialising reference (and faiss's GPU flat index where faiss can be imported).
 
 Results go to one JSON file and a table printed last. Contenders whose package is missing are
 listed with the reason, never silently dropped.
@@ -179,6 +180,43 @@ def bench_topk(rows: list) -> None:
         print(f"[bench] {rows[-1]}", flush=True)
 
 
+def bench_assignment(rows: list) -> None:
+    """Hard assignment of 1M points to 1024 centroids (d = 576) and 10 k-means iterations: the
+    fused backends against the materialising reference and, when it can be imported, faiss."""
+    import vocabsem_fast as vs
+    from vocabsem_fast import reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    points = torch.randn(1_000_000, 576, device="cuda", generator=gen)
+    centroids = torch.randn(1024, 576, device="cuda", generator=gen)
+    cases = {"reference": lambda: reference.assign(points, centroids, hard=True)}
+    for impl in ("cuda", "triton"):
+        if vs.backends.unavailable_reason(impl) is None:
+            cases[impl] = lambda impl=impl: vs.assign(points, centroids, hard=True, impl=impl)
+            cases[f"kmeans10_{impl}"] = lambda impl=impl: vs.kmeans(points[:200_000], 256, iters=10, impl=impl)
+    cases["kmeans10_reference"] = lambda: reference.kmeans(points[:200_000], 256, iters=10)
+    try:
+        import faiss  # noqa: PLC0415
+
+        if hasattr(faiss, "StandardGpuResources"):
+            res = faiss.StandardGpuResources()
+            index = faiss.GpuIndexFlatIP(res, 576)
+            index.add(centroids.cpu().numpy())
+            host = points.cpu().numpy()
+            cases["faiss_gpu_flat_ip"] = lambda: index.search(host, 1)
+        else:
+            rows.append({"op": "assignment", "contender": "faiss", "error": "faiss has no GPU support here"})
+    except ImportError as exc:
+        rows.append({"op": "assignment", "contender": "faiss", "error": f"faiss unavailable ({exc})"})
+    for name, fn in cases.items():
+        op = "kmeans 10 iters N=200000 K=256 d=576" if name.startswith("kmeans") else "hard assign N=1e6 K=1024 d=576"
+        try:
+            rows.append({"op": op, "contender": name, "ms": timed(fn, warmup=1, reps=3), "peak_mib": peak_mib(fn)})
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"op": op, "contender": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+        print(f"[bench] {rows[-1]}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench/results/gpu-check.json"))
@@ -208,7 +246,8 @@ def main() -> int:
     result["cross_entropy"] = rows
     topk_rows: list = []
     bench_topk(topk_rows)
-    result["topk"] = topk_rows
+    bench_assignment(topk_rows)
+    result["topk_and_assignment"] = topk_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'shape':<24} {'contender':<22} {'fwd ms':>8} {'bwd ms':>8} {'both ms':>8} {'TFLOP/s':>8} "
@@ -221,7 +260,7 @@ def main() -> int:
                   f"{r['forward_backward_ms']:>8.1f} {r['tflops']:>8.0f} {r['fraction_of_gemm']:>7.2f} "
                   f"{r['peak_mib']:>9.0f}")
     for r in topk_rows:
-        print(f"{r['op']:<40} {r['contender']:<12} {r.get('ms', float('nan')):>8.2f} ms")
+        print(f"{r['op']:<40} {r['contender']:<22} " + (f"{r['ms']:>9.2f} ms" if "ms" in r else r["error"][:60]))
     failed = [name for name, run in result["correctness"].items() if run["returncode"] != 0]
     print(f"\ncorrectness: {'FAILED ' + ', '.join(failed) if failed else 'all passed'}; wrote {args.out}")
     return 1 if failed else 0

@@ -11,6 +11,9 @@ std::vector<at::Tensor> similarity_cross_entropy(const at::Tensor& hidden, const
                                                  int64_t max_strip_elements);
 std::vector<at::Tensor> similarity_topk(const at::Tensor& hidden, const at::Tensor& bases, int64_t k, double scale,
                                         bool normalize, double eps, int64_t max_tile_elements);
+#ifdef VOCABSEM_WITH_CUDA
+void register_cuda(pybind11::module& m);  // csrc/cuda/cuda_ops.cpp
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,6 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("hidden"), pybind11::arg("bases"), pybind11::arg("k"), pybind11::arg("scale"),
         pybind11::arg("normalize"), pybind11::arg("eps"), pybind11::arg("max_tile_elements"));
 #ifdef VOCABSEM_WITH_CUDA
+  vocabsem::register_cuda(m);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

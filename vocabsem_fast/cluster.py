@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ._validation import check_float, check_int
 from .ops import assign
-from .reference import _kmeans_pp, _prepare_kmeans_points, _update_centroids
+from . import backends
+from .reference import _centroids_from_sums, _kmeans_pp, _prepare_kmeans_points, _update_centroids
 
 METRICS = ("cosine", "l2")
 
@@ -20,6 +21,14 @@ def _labels(points: Tensor, centroids: Tensor, metric: str, impl: str) -> Tensor
     half_sq = -0.5 * (centroids * centroids).sum(-1, keepdim=True)
     return assign(torch.cat([points, ones], 1), torch.cat([centroids, half_sq], 1), hard=True, normalize=False,
                   impl=impl)[0]
+
+
+def _update(points: Tensor, labels: Tensor, centroids: Tensor, metric: str, impl: str) -> Tensor:
+    """New centres; the cuda backend sums each cluster's points in one fused kernel."""
+    if points.dtype != torch.float64 and backends.resolve(impl, points.device) == "cuda":
+        sums, counts = backends.get("cuda").centroid_sums(points, labels, centroids.shape[0])
+        return _centroids_from_sums(sums, counts, centroids, metric)
+    return _update_centroids(points, labels, centroids, metric)
 
 
 def kmeans(points: Tensor, k: int, *, iters: int = 20, metric: str = "cosine", seed: int = 0, impl: str = "auto"):
@@ -43,7 +52,7 @@ def kmeans(points: Tensor, k: int, *, iters: int = 20, metric: str = "cosine", s
     centroids = _kmeans_pp(pts, k, metric, torch.Generator().manual_seed(seed))
     labels = _labels(pts, centroids, metric, impl)
     for _ in range(iters):
-        centroids = _update_centroids(pts, labels, centroids, metric)
+        centroids = _update(pts, labels, centroids, metric, impl)
         new_labels = _labels(pts, centroids, metric, impl)
         if torch.equal(new_labels, labels):  # a fixed point: further iterations change nothing
             break

@@ -141,6 +141,12 @@ def _update_centroids(points: Tensor, labels: Tensor, old: Tensor, metric: str, 
     k = old.shape[0]
     sums = torch.zeros_like(old).index_add_(0, labels, points)
     counts = torch.bincount(labels, minlength=k).to(points.dtype)
+    return _centroids_from_sums(sums, counts, old, metric, eps)
+
+
+def _centroids_from_sums(sums: Tensor, counts: Tensor, old: Tensor, metric: str, eps: float = 1e-8) -> Tensor:
+    """Cluster means from per-cluster sums and counts; an empty cluster keeps its centre."""
+    sums, counts = sums.to(old.dtype), counts.to(old.dtype)
     means = sums / counts.clamp_min(1).unsqueeze(1)
     if metric == "cosine":
         means = F.normalize(means, dim=-1, eps=eps)

@@ -69,7 +69,7 @@ def unavailable_reason(name: str) -> str | None:
             return reason
         if not getattr(ext, "with_cuda", False):
             return "vocabsem_fast._C was built without CUDA (needs a CUDA build of torch and nvcc)"
-        return "the cuda backend has no kernels in this version of vocabsem_fast"
+        return None
     raise ValueError(f"impl must be one of {IMPLS}, got {name!r}")
 
 
@@ -110,6 +110,10 @@ def get(name: str):
         from .cpu import CpuBackend  # noqa: PLC0415
 
         return CpuBackend(ext)
+    if name == "cuda" and unavailable_reason("cuda") is None:
+        from .cuda import CudaBackend  # noqa: PLC0415
+
+        return CudaBackend(_EXTENSION[0])
     if name == "triton" and _TRITON_REASON is None:
         from .triton import TritonBackend  # noqa: PLC0415
 

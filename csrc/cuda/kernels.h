@@ -1,0 +1,81 @@
+// Torch-free CUDA kernels of vocabsem_fast: raw pointers, sizes and a stream. The torch glue in
+// cuda_ops.cpp (built only with a CUDA torch) checks tensors and calls these launchers; the .cu
+// file compiles with nvcc alone, which is how CI checks it on machines without a GPU.
+//
+// Conventions: row-major, unit stride along the last dimension, `ld` the row stride in elements.
+// Score tiles are fp32; inputs are fp32, bf16 or fp16 (DType); accumulation is fp32. Inverse row
+// norms are 1 / max(||x||, eps); a null inverse-norm pointer means "not normalised" (factor 1).
+// Every launcher returns the launch's cudaError_t.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace vocabsem {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// inv[r] = 1 / max(||x[r]||, eps) for rows x r of length d.
+cudaError_t row_inverse_norms(const void* x, DType dtype, int64_t rows, int64_t d, int64_t ld, float eps,
+                              float* inv, cudaStream_t stream);
+
+// Online log-sum-exp merge of one score tile S (rows x cols, row stride ld), whose columns are
+// vocabulary entries col0 .. col0 + cols - 1: z = scale * S * row_inv[r] * col_inv[c]. Updates the
+// running max / sum, adds the target logit (targets in [col0, col0 + cols)) and, when smoothing
+// > 0, the sum of logits.
+cudaError_t lse_merge(const float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
+                      const float* row_inv, const float* col_inv, const int64_t* targets, float smoothing,
+                      float* running_max, float* running_sum, float* target_logit, float* logit_sum,
+                      cudaStream_t stream);
+
+// lse = max + log(sum); loss = lse - (1 - ls) * target_logit - ls * logit_sum / V (0 where ignored).
+cudaError_t lse_finish(int64_t rows, const float* running_max, const float* running_sum,
+                       const float* target_logit, const float* logit_sum, const int64_t* targets,
+                       int64_t ignore_index, float smoothing, int64_t vocab, float* lse, float* loss,
+                       cudaStream_t stream);
+
+// In place: S <- weight[r] * scale * (softmax - (1 - ls) onehot - ls / V) * col_mul[c], the
+// gradient tile of sum_r weight[r] * loss[r] with respect to the scores, scaled per column
+// (col_mul null: 1). Rows with weight 0 (ignored) become 0.
+cudaError_t softmax_grad_tile(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
+                              const float* row_inv, const float* col_inv, const float* lse, const int64_t* targets,
+                              const float* weight, float smoothing, int64_t vocab, const float* col_mul,
+                              cudaStream_t stream);
+
+// In place: S[r, c] *= row_mul[r] / col_div[c] (either may be null: 1).
+cudaError_t rescale_tile(float* scores, int64_t rows, int64_t cols, int64_t ld, const float* row_mul,
+                         const float* col_div, cudaStream_t stream);
+
+// Gradient through y = x * inv: dx = inv * (g - y (y . g)) where ||x|| >= eps, inv * g where the
+// eps clamp is active. x in `dtype`, g and out fp32 (out may alias g).
+cudaError_t normalization_backward(const void* x, DType dtype, const float* inv, const float* grad, int64_t rows,
+                                   int64_t d, int64_t ld, float eps, float* out, cudaStream_t stream);
+
+// Running top-k merge: for each row, the tile's entries (z as in lse_merge) that beat the row's
+// current k best enter the sorted (descending) lists values / indices (rows x k; start them at
+// -inf / -1). The tile is scratch: taken entries are overwritten. k <= 64.
+cudaError_t topk_merge(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
+                       const float* row_inv, const float* col_inv, int64_t k, float* values, int64_t* indices,
+                       cudaStream_t stream);
+
+// Batched soft assignment, fused: probs[b, n, :] = softmax_k(scale * cos(points[b, n], centroids[b, k]))
+// (dot products when the inverse norms are null), for k <= kMaxSoftAssignK.
+constexpr int kMaxSoftAssignK = 64;
+cudaError_t soft_assign_forward(const void* points, const void* centroids, DType dtype, int64_t batch, int64_t n,
+                                int64_t k, int64_t d, const float* inv_points, const float* inv_centroids,
+                                float scale, float* probs, cudaStream_t stream);
+
+// Its backward with respect to the normalised points and centroids (fp32; grad_centroids is
+// accumulated with atomics and must start at zero): the normalisation backward comes after.
+cudaError_t soft_assign_backward(const void* points, const void* centroids, DType dtype, int64_t batch, int64_t n,
+                                 int64_t k, int64_t d, const float* inv_points, const float* inv_centroids,
+                                 float scale, const float* probs, const float* grad, float* grad_points,
+                                 float* grad_centroids, cudaStream_t stream);
+
+// k-means update: sums[labels[i]] += points[i] (fp32) and counts[labels[i]] += 1 (start at zero).
+cudaError_t centroid_sums(const void* points, DType dtype, int64_t n, int64_t d, const int64_t* labels,
+                          int64_t clusters, float* sums, float* counts, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace vocabsem
