@@ -105,3 +105,18 @@ def test_needs_a_process_group():
 
         distributed.similarity_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]),
                                              vocab_start=0)
+
+
+def test_data_parallel_fit_matches_one_process():
+    from vocabsem_fast.clustering import FitConfig, VDSClassifier
+    from vocabsem_fast.parallel import fit_data_parallel
+
+    from test_clustering import _synthetic
+
+    reps, labels, bases, label_ids = _synthetic(15)  # 45 examples: batches of 32 and 13 split unevenly
+    config = FitConfig(epochs=3, lr=3e-3, seed=int(torch.randint(1000, ())))
+    one = VDSClassifier(bases, label_ids, config=config).fit(reps, labels)
+    two = fit_data_parallel(VDSClassifier(bases, label_ids, config=config), reps, labels, nproc=2)
+    for (name, a), b in zip(one.module.state_dict().items(), two.module.state_dict().values()):
+        assert_matches(b, a, tol=1e-5, name=name)
+    assert torch.equal(one.predict(reps), two.predict(reps))

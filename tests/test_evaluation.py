@@ -97,16 +97,16 @@ def test_vocabsem_eval_end_to_end(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results.json"
     code = cli.main(["eval", "--data", str(folder), "--model", str(model_dir), "--methods",
                      "vds:epochs=2,knn,icl:shots=1,lora:epochs=1", "--train-limit", "20", "--test-limit", "10",
-                     "--out", str(out), "--plot", str(tmp_path / "plots"), "--no-cache"])
+                     "--out", str(out), "--plot", str(tmp_path / "plots"), "--no-cache", "--nproc", "2"])
     assert code == 0
     results = json.loads(out.read_text())
     assert list(results) == ["tiny"]
-    assert list(results["tiny"]) == ["vds:epochs=2", "knn", "icl:shots=1", "lora:epochs=1"]
+    assert list(results["tiny"]) == ["vds:epochs=2:nproc=2", "knn", "icl:shots=1", "lora:epochs=1"]
     for r in results["tiny"].values():
         assert {"accuracy", "macro_f1", "seconds"} <= set(r) and r["test_size"] == 10 and r["train_size"] == 20
     printed = capsys.readouterr().out
     assert "macro-F1" in printed and "lora:epochs=1" in printed and "ARI" in printed
-    assert (tmp_path / "plots" / "tiny-vds_epochs-2.png").exists()
+    assert (tmp_path / "plots" / "tiny-vds_epochs-2_nproc-2.png").exists()
 
 
 def test_vocabsem_eval_rejects_bad_arguments(tmp_path, capsys):

@@ -58,7 +58,7 @@ def _evaluate(datasets, args: argparse.Namespace) -> dict:
                   f"(fit {result['fit_seconds']:.1f} s, predict {result['predict_seconds']:.1f} s)", file=sys.stderr)
             save()
 
-        evaluate_task(task, args.methods, plot_dir=args.plot, on_result=report)
+        evaluate_task(task, _with_nproc(args.methods, args.nproc), plot_dir=args.plot, on_result=report)
     print(format_table(results))
     analysis = format_analysis(results)
     if analysis:
@@ -67,6 +67,13 @@ def _evaluate(datasets, args: argparse.Namespace) -> dict:
     if args.out:
         print(f"\nwrote {args.out}", file=sys.stderr)
     return results
+
+
+def _with_nproc(methods: list[str], nproc: int) -> list[str]:
+    """--nproc N trains every VDS method data-parallel over N local processes."""
+    if nproc == 1:
+        return methods
+    return [m if m.split(":")[0] != "vds" or "nproc=" in m else f"{m}:nproc={nproc}" for m in methods]
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -120,6 +127,8 @@ def _add_evaluation_options(parser: argparse.ArgumentParser, *, methods: str, tr
     parser.add_argument("--plot", metavar="DIR", help="write 2-D pictures of the representations before/after")
     parser.add_argument("--batch-size", type=_positive, default=16, help="prompts per forward pass")
     parser.add_argument("--no-cache", action="store_true", help="recompute representations (no disk cache)")
+    parser.add_argument("--nproc", type=_positive, default=1,
+                        help="train the VDS module data-parallel (DDP, gloo) over this many local processes")
 
 
 def _quiet_transformers() -> None:

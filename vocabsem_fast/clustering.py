@@ -92,34 +92,52 @@ class VDSClassifier:
         self.head_bias = None if head_bias is None else head_bias.detach().float()
         self.module = SemanticClustering(bases.shape[1], attention=self.config.attention)
 
-    def _loss(self, out: Tensor, labels: Tensor) -> Tensor:
+    def _row_losses(self, out: Tensor, labels: Tensor) -> Tensor:
+        """The training loss of each example (reduced by ``fit``)."""
         cfg = self.config
         targets = self.label_token_ids[labels]
         if cfg.train_logits == "sm":
-            return similarity_cross_entropy(out, self.bases, targets, scale=cfg.scale)
+            return similarity_cross_entropy(out, self.bases, targets, scale=cfg.scale, reduction="none")
         if cfg.train_logits == "sm-gt":  # pull toward the ground-truth basis only: 1/V of the cost
-            cos = torch.nn.functional.cosine_similarity(out, self.bases[targets], dim=-1)
-            return (1.0 - cos).mean()
+            return 1.0 - torch.nn.functional.cosine_similarity(out, self.bases[targets], dim=-1)
         logits = out @ self.head_weight.T
         if self.head_bias is not None:
             logits = logits + self.head_bias
-        return torch.nn.functional.cross_entropy(logits, targets)
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
-    def fit(self, reps: Representations, labels: Tensor) -> VDSClassifier:
+    def fit(self, reps: Representations, labels: Tensor, *, distributed: bool = False, group=None) -> VDSClassifier:
+        """Train the module. ``distributed=True`` trains it data-parallel (DDP) over the ranks of
+        ``group`` (the default process group when None): every rank passes the same data and
+        takes its share of each batch; the result equals one process's up to floating-point
+        summation order."""
         cfg = self.config
+        world, rank = 1, 0
+        if distributed:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                raise RuntimeError("fit(distributed=True) needs an initialised torch.distributed process group")
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
         generator = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG left as it was
             torch.manual_seed(cfg.seed)
             self.module = SemanticClustering(self.bases.shape[1], attention=cfg.attention)
+        model = self.module
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(self.module, process_group=group)
         optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         labels = labels.long()
         self.module.train()
         for _ in range(cfg.epochs):
-            order = torch.randperm(len(labels), generator=generator)
+            order = torch.randperm(len(labels), generator=generator)  # the same order on every rank
             for start in range(0, len(order), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
-                out = self.module(reps.last[idx], reps.mean[idx], reps.max[idx])
-                loss = self._loss(out, labels[idx])
+                batch = order[start:start + cfg.batch_size]
+                idx = batch[rank::world]
+                out = model(reps.last[idx], reps.mean[idx], reps.max[idx])
+                # sum / batch size, times the ranks that DDP averages over: the batch mean's gradient
+                loss = self._row_losses(out, labels[idx]).sum() * (world / len(batch))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -23,6 +23,7 @@ from .bases import lm_head_weight
 from .clustering import FitConfig, VDSClassifier
 from .cluster import kmeans
 from .ops import similarity_logits
+from .parallel import fit_data_parallel
 from .tasks import Task, head_logits
 
 DEFAULT_METHODS = ("vds", "knn", "icl", "rag", "lora", "ia3")
@@ -33,9 +34,12 @@ class VDS:
 
     uses_representations = ("train", "test")
 
-    def __init__(self, **options):
+    def __init__(self, nproc: int = 1, **options):
         renamed = {"train": "train_logits", "predict": "predict_logits"}
         self.config = FitConfig(**{renamed.get(k, k): v for k, v in options.items()})
+        if not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(f"nproc must be a positive int, got {nproc!r}")
+        self.nproc = nproc  # > 1: data-parallel training over that many local processes
 
     def fit(self, task: Task) -> VDS:
         basis = task.basis
@@ -46,7 +50,7 @@ class VDS:
         config = replace(self.config, seed=task.seed)
         self.classifier = VDSClassifier(basis.vectors, basis.token_ids(task.words), head_weight=head, head_bias=bias,
                                         config=config)
-        self.classifier.fit(task.representations("train"), task.labels("train"))
+        fit_data_parallel(self.classifier, task.representations("train"), task.labels("train"), self.nproc)
         return self
 
     def predict(self, task: Task) -> Tensor:
