@@ -88,3 +88,16 @@ def test_compiled_training_step_matches_eager():
     assert len(grads) == len(eager_grads)
     for got, ref in zip(grads, eager_grads):
         assert_matches(got, ref, tol=1e-4, name="compiled gradient")
+
+
+def test_fused_loss_trains_peft_adapters():
+    peft = pytest.importorskip("peft", reason="the eval extra (peft) is not installed")
+    model = tiny_llama(vocab=61, d=16)
+    bases = vs.semantic_bases(model.get_output_embeddings().weight.detach())
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 61, (2, 8))
+    loss = hf.similarity_lm_loss(wrapped, ids, bases, scale=5.0)
+    loss.backward()
+    trained = {n for n, p in wrapped.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in n for n in trained)
+    assert any(wrapped.get_parameter(n).grad.abs().sum() > 0 for n in trained if "lora_A" in n or "lora_B" in n)

@@ -78,8 +78,15 @@ def use_similarity_logits(model, *, scale: float = 20.0, bases: Tensor | None = 
     return SimilaritySwitch(model, head, similarity)
 
 
+def _backbone(model):
+    """The transformer under the head (through a peft wrapper, whose adapters live in it)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
 def _backbone_states(model, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    out = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.last_hidden_state, out  # after the final norm: what the head reads
 
 
