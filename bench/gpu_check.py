@@ -55,6 +55,39 @@ def correctness(quick: bool) -> dict:
     return runs
 
 
+def nccl_check() -> dict:
+    """The vocabulary-parallel loss on NCCL (one rank: this machine has one GPU) against the
+    single-process op on CUDA tensors, bf16 and fp32."""
+    import os
+
+    import torch.distributed as dist
+
+    import vocabsem_fast as vs
+    from vocabsem_fast import distributed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    out = {}
+    try:
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        for dtype in (torch.float32, torch.bfloat16):
+            h = torch.randn(333, 257, device="cuda", dtype=dtype, requires_grad=True)
+            b = torch.randn(5003, 257, device="cuda", dtype=dtype, requires_grad=True)
+            t = torch.randint(0, 5003, (333,), device="cuda")
+            loss = distributed.similarity_cross_entropy(h, b, t, vocab_start=0, scale=20.0)
+            gh, gb = torch.autograd.grad(loss, (h, b))
+            ref = vs.similarity_cross_entropy(h, b, t, scale=20.0)
+            rh, rb = torch.autograd.grad(ref, (h, b))
+            out[str(dtype)] = {"loss_diff": abs(float(loss) - float(ref)),
+                               "grad_hidden_max_diff": float((gh.float() - rh.float()).abs().max()),
+                               "grad_bases_max_diff": float((gb.float() - rb.float()).abs().max())}
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    print(f"[correctness] nccl: {out}", flush=True)
+    return out
+
+
 def timed(fn, *, warmup: int = 2, reps: int = 5) -> float:
     """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events)."""
     for _ in range(warmup):
@@ -234,6 +267,7 @@ def main() -> int:
                           "vocabsem_fast": vs.__version__, "backends": vs.available_backends()},
               "command": " ".join(sys.argv)}
     result["correctness"] = correctness(args.quick)
+    result["nccl"] = nccl_check()
     shapes = [(8192, 4096, 128256)] if args.quick else [(8192, 4096, 128256), (16384, 4096, 128256),
                                                         (8192, 2304, 256000)]
     rows: list = []
