@@ -66,6 +66,16 @@ def _scaled(acc, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, scale, NO
 
 
 @triton.jit
+def _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b, scale,
+                NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 logits: the raw tile scaled by ``scale`` and the inverse norms."""
+    acc = _score_tile(h_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
+                      BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
+    return _scaled(acc, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, scale, NORMALIZE)
+
+
+@triton.jit
 def _ce_forward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, loss_ptr, lse_ptr,
                        N, V, D, stride_h, stride_b, scale, ignore_index, smoothing,
                        NORMALIZE: tl.constexpr, SMOOTH: tl.constexpr, UPCAST: tl.constexpr,
@@ -81,9 +91,8 @@ def _ce_forward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, loss_ptr, lse_
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        acc = _score_tile(h_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
-                          BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
-        z = _scaled(acc, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, scale, NORMALIZE)
+        z = _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
+                        scale, NORMALIZE, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
         if SMOOTH:
             logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -114,9 +123,8 @@ def _ce_backward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, lse_ptr, w_pt
     target = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     upstream = tl.load(w_ptr + rows, mask=row_mask, other=0.0)  # zero for ignored rows
-    acc = _score_tile(h_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
-                      BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
-    z = _scaled(acc, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, scale, NORMALIZE)
+    z = _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
+                    scale, NORMALIZE, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
     g = tl.exp(z - lse[:, None]) - smoothing / V
     g -= tl.where(cols[None, :] == target[:, None], 1.0 - smoothing, 0.0)
     g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
@@ -173,9 +181,8 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        acc = _score_tile(h_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
-                          BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
-        z = _scaled(acc, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, scale, NORMALIZE)
+        z = _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
+                        scale, NORMALIZE, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         # at most K entries of this tile can enter: take the tile's best K one at a time, each
         # replacing the row's current worst when larger (ties keep the earlier, lower index)
@@ -206,10 +213,9 @@ def _soft_assign_kernel(p_ptr, c_ptr, inv_p_ptr, inv_c_ptr, out_ptr, N, K, D, sc
     col_mask = cols < K
     p_base = p_ptr + batch.to(tl.int64) * N * D
     c_base = c_ptr + batch.to(tl.int64) * K * D
-    acc = _score_tile(p_base, c_base, rows, cols, row_mask, col_mask, D, D, D, BLOCK_N, BLOCK_K, BLOCK_D, UPCAST,
-                      PRECISION)
-    z = _scaled(acc, inv_p_ptr + batch.to(tl.int64) * N, inv_c_ptr + batch.to(tl.int64) * K,
-                rows, cols, row_mask, col_mask, scale, NORMALIZE)
+    z = _logit_tile(p_base, c_base, inv_p_ptr + batch.to(tl.int64) * N, inv_c_ptr + batch.to(tl.int64) * K,
+                    rows, cols, row_mask, col_mask, D, D, D, scale, NORMALIZE, BLOCK_N, BLOCK_K, BLOCK_D, UPCAST,
+                    PRECISION)
     z = tl.where(col_mask[None, :], z, float("-inf"))
     z = tl.exp(z - tl.max(z, axis=1)[:, None])
     probs = z / tl.sum(z, axis=1)[:, None]

@@ -18,47 +18,43 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+struct Sum {
+  __device__ float operator()(float a, float b) const { return a + b; }
+  static constexpr float identity = 0.f;
+};
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  static constexpr float identity = -INFINITY;
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
-  return v;
-}
-
-// Block-wide sum / max, every thread gets the result. The leading barrier lets a block call these
+// Block-wide reduction, every thread gets the result. The leading barrier lets a block call it
 // back to back (the shared slot of the previous call has been read by everyone).
-__device__ float block_sum(float v) {
+template <typename Op>
+__device__ float block_reduce(float v, Op op) {
   __shared__ float slots[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
+  v = warp_reduce(v, op);
   __syncthreads();
   if (lane == 0) slots[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = warp_sum(lane < warps ? slots[lane] : 0.f);
+    v = warp_reduce(lane < warps ? slots[lane] : Op::identity, op);
     if (lane == 0) slots[0] = v;
   }
   __syncthreads();
   return slots[0];
 }
 
-__device__ float block_max(float v) {
-  __shared__ float slots[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) slots[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = warp_max(lane < warps ? slots[lane] : -INFINITY);
-    if (lane == 0) slots[0] = v;
-  }
-  __syncthreads();
-  return slots[0];
-}
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, Sum()); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, Max()); }
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, Sum()); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, Max()); }
 
 // (value, index) argmax across the block; ties go to the smaller index.
 __device__ void block_argmax(float& value, int64_t& index) {
