@@ -1,7 +1,9 @@
-"""The triton backend against the reference, run by test_triton_interpreter.py in a separate
-process under TRITON_INTERPRET=1 (the interpreter must be chosen before triton compiles anything,
-and it is slow, so these cases are few and small). On a CUDA machine this file runs as is:
-``python -m pytest tests/triton_cases.py`` (then on the GPU, with CUDA tensors).
+"""The GPU backends (triton, cuda) against the reference, on the device they run on.
+
+On a CUDA machine ``python -m pytest tests/gpu_backend_cases.py`` checks both on the GPU
+(bench/gpu_check.py runs it). On the CPU, test_triton_interpreter.py runs it in a child process
+under TRITON_INTERPRET=1, where only the triton backend is available (the interpreter must be
+chosen before triton compiles anything, and it is slow, so these cases are few and small).
 
 Shapes are odd and span several row and vocabulary blocks of the kernels (64 x 64 tiles)."""
 
@@ -16,8 +18,8 @@ from vocabsem_fast import reference as ref
 
 from helpers import assert_error_bound, make, make_targets
 
-pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton") is not None,
-                                reason=f"triton backend unavailable: {backends.unavailable_reason('triton')}")
+GPU_IMPLS = [impl for impl in ("triton", "cuda") if backends.unavailable_reason(impl) is None]
+pytestmark = pytest.mark.skipif(not GPU_IMPLS, reason="no GPU backend is available here")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,7 +38,8 @@ def _slack(dtype):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cross_entropy_and_gradients(shape, dtype, loss):
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_cross_entropy_and_gradients(impl, shape, dtype, loss):
     n, d, v = SHAPES[shape]
     reduction, smoothing, normalize, scale = LOSSES[loss]
     dt = DTYPES[dtype]
@@ -44,25 +47,26 @@ def test_cross_entropy_and_gradients(shape, dtype, loss):
     targets = make_targets((n,), v).to(DEVICE)
     upstream = torch.rand(n, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
     outs = {}
-    for name, x_dtype, impl in (("triton", dt, "triton"), ("ref", dt, None), ("truth", torch.float64, None)):
+    for name, x_dtype, use in (("fused", dt, impl), ("ref", dt, None), ("truth", torch.float64, None)):
         h = h64.to(DEVICE, x_dtype).requires_grad_(True)
         b = b64.to(DEVICE, x_dtype).requires_grad_(True)
         kwargs = dict(scale=scale, normalize=normalize, reduction=reduction, label_smoothing=smoothing)
-        out = (vs.similarity_cross_entropy(h, b, targets, impl=impl, **kwargs) if impl
+        out = (vs.similarity_cross_entropy(h, b, targets, impl=use, **kwargs) if use
                else ref.similarity_cross_entropy(h, b, targets, **kwargs))
         (out.double() * upstream.to(DEVICE)).sum().backward()
         outs[name] = (out.detach().cpu(), h.grad.cpu(), b.grad.cpu())
     for i, part in enumerate(("loss", "grad hidden", "grad bases")):
-        assert_error_bound(outs["triton"][i].double(), outs["ref"][i].double(), outs["truth"][i],
-                           name=f"{shape} {dtype} {loss} {part}", slack=_slack(dt))
+        assert_error_bound(outs["fused"][i].double(), outs["ref"][i].double(), outs["truth"][i],
+                           name=f"{impl} {shape} {dtype} {loss} {part}", slack=_slack(dt))
 
 
 @pytest.mark.parametrize("k", [1, 5, 17])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_topk(k, dtype):
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_topk(impl, k, dtype):
     dt = DTYPES[dtype]
     h64, b64 = make(41, 67, dtype=torch.float64), make(333, 67, dtype=torch.float64)
-    values, indices = vs.similarity_topk(h64.to(DEVICE, dt), b64.to(DEVICE, dt), k=k, scale=3.0, impl="triton")
+    values, indices = vs.similarity_topk(h64.to(DEVICE, dt), b64.to(DEVICE, dt), k=k, scale=3.0, impl=impl)
     ref_values, _ = ref.similarity_topk(h64.to(dt), b64.to(dt), k=k, scale=3.0)
     truth = ref.similarity_logits(h64, b64, scale=3.0)
     true_values = truth.topk(k, dim=1).values
@@ -72,28 +76,30 @@ def test_topk(k, dtype):
     assert_error_bound(truth.gather(1, indices.cpu()), ref_values.double(), true_values, name="top-k indices",
                        slack=_slack(dt))
     assert bool((values[:, :-1] >= values[:, 1:]).all()), "top-k values are not sorted"
-    hard_idx, _ = vs.assign(h64.to(DEVICE, dt), b64.to(DEVICE, dt), hard=True, impl="triton")
+    hard_idx, _ = vs.assign(h64.to(DEVICE, dt), b64.to(DEVICE, dt), hard=True, impl=impl)
     assert torch.equal(hard_idx.cpu(), indices[:, 0].cpu())
 
 
 @pytest.mark.parametrize("k", [13, 200])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_soft_assign_and_gradients(k, dtype):
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_soft_assign_and_gradients(impl, k, dtype):
     dt = DTYPES[dtype]
     p64, c64 = make(2, 37, 59, dtype=torch.float64), make(2, k, 59, dtype=torch.float64)
     upstream = torch.randn(2, 37, k, dtype=torch.float64)
     outs = {}
-    for name, x_dtype, impl in (("triton", dt, "triton"), ("ref", dt, None), ("truth", torch.float64, None)):
+    for name, x_dtype, use in (("fused", dt, impl), ("ref", dt, None), ("truth", torch.float64, None)):
         p = p64.to(DEVICE, x_dtype).requires_grad_(True)
         c = c64.to(DEVICE, x_dtype).requires_grad_(True)
-        out = (vs.assign(p, c, temperature=0.1, impl=impl) if impl else ref.assign(p, c, temperature=0.1))
+        out = (vs.assign(p, c, temperature=0.1, impl=use) if use else ref.assign(p, c, temperature=0.1))
         (out.double() * upstream.to(DEVICE)).sum().backward()
         outs[name] = (out.detach().cpu(), p.grad.cpu(), c.grad.cpu())
     for i, part in enumerate(("probabilities", "grad points", "grad centroids")):
-        assert_error_bound(outs["triton"][i].double(), outs["ref"][i].double(), outs["truth"][i],
-                           name=f"soft assign {dtype} k={k} {part}", slack=_slack(dt))
+        assert_error_bound(outs["fused"][i].double(), outs["ref"][i].double(), outs["truth"][i],
+                           name=f"{impl} soft assign {dtype} k={k} {part}", slack=_slack(dt))
 
 
+@pytest.mark.skipif("triton" not in GPU_IMPLS, reason="gradient filtering is a triton backend option")
 def test_gradient_filtering():
     """A threshold below every |softmax - target| keeps all tiles (exact); one above all of them skips
     every tile, so both gradients are exactly zero."""
