@@ -42,9 +42,10 @@ def build_context(tokenizer, demonstrations: list[str], query: str, max_tokens: 
         demos.pop(0)
     if demos:
         return DEMO_SEPARATOR.join(demos + [query])
-    ids = tokenizer(query, add_special_tokens=False)["input_ids"]
-    if length(query) > max_tokens:
-        specials = length(query) - len(ids)
+    full = length(query)
+    if full > max_tokens:
+        ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+        specials = full - len(ids)
         query = tokenizer.decode(ids[len(ids) - max(1, max_tokens - specials):])
     return query
 
@@ -144,12 +145,17 @@ class KNNPrompting:
 
     def predict(self, task: Task) -> Tensor:
         dist = self.distances(task, self._states(task, task.test, "test"))
-        k = min(self.k, dist.shape[1])
-        nearest = dist.topk(k, dim=-1, largest=False).indices
-        votes = F.one_hot(self.anchor_labels[nearest], task.num_classes).sum(1).float()
-        # ties go to the class of the nearest anchor (it adds half a vote)
-        votes += 0.5 * F.one_hot(self.anchor_labels[nearest[:, 0]], task.num_classes) if k else 0.0
-        return votes.argmax(-1)
+        nearest = dist.topk(min(self.k, dist.shape[1]), dim=-1, largest=False).indices
+        return majority_vote(self.anchor_labels[nearest], task.num_classes)
+
+
+def majority_vote(neighbour_labels: Tensor, num_classes: int) -> Tensor:
+    """The most frequent label of each row of (Q, k) neighbour labels, nearest first; ties go to
+    the class of the nearest neighbour (it adds half a vote)."""
+    votes = F.one_hot(neighbour_labels, num_classes).sum(1).float()
+    if neighbour_labels.shape[1]:
+        votes += 0.5 * F.one_hot(neighbour_labels[:, 0], num_classes)
+    return votes.argmax(-1)
 
 
 ADAPTERS = ("lora", "ia3")

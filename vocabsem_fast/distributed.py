@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import check_int, check_number, check_pair, check_reduction, check_targets
@@ -55,7 +56,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 def _unit(x: Tensor, normalize: bool, eps: float) -> Tensor:
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps) if normalize else x
+    return F.normalize(x, dim=-1, eps=eps) if normalize else x
 
 
 def _check_shards(vocab_start: int, v_local: int, group, device) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .baselines import AdapterTuning, InContextLearning, KNNPrompting, RetrievalICL
+from .baselines import AdapterTuning, InContextLearning, KNNPrompting, RetrievalICL, majority_vote
 from .bases import lm_head_weight
 from .clustering import FitConfig, VDSClassifier
 from .cluster import kmeans
@@ -139,9 +139,7 @@ def knn_accuracy(train: Tensor, train_labels: Tensor, test: Tensor, test_labels:
     """Accuracy of a k-nearest-neighbour vote (cosine) of test points among the train points."""
     nearest = (F.normalize(test, dim=-1) @ F.normalize(train, dim=-1).T).topk(min(k, len(train)), dim=-1).indices
     classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = F.one_hot(train_labels[nearest], classes).sum(1).float()
-    votes += 0.5 * F.one_hot(train_labels[nearest[:, 0]], classes)  # ties: the nearest neighbour's class
-    return float((votes.argmax(-1) == test_labels).float().mean())
+    return float((majority_vote(train_labels[nearest], classes) == test_labels).float().mean())
 
 
 def cluster_quality(points: Tensor, labels: Tensor, num_classes: int, seed: int) -> float:

@@ -35,9 +35,7 @@ class TritonBackend(ChunkedBackend):
         return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
 
     def _inverse_norms(self, x: Tensor, sim: Similarity) -> Tensor | None:
-        if not sim.normalize:
-            return None
-        return 1.0 / torch_row_norms(x).clamp_min(sim.eps)
+        return self._normalizer(x, sim).inv  # None when not normalising
 
     def cross_entropy(self, hidden, bases, targets, sim: Similarity, ce: CrossEntropy,
                       need_hidden: bool = False, need_bases: bool = False):
