@@ -4,6 +4,7 @@ an ``assert_close`` that says where a mismatch is, and the low-precision error b
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -98,6 +99,8 @@ def assert_error_bound(out: Tensor, ref: Tensor, truth: Tensor, *, name: str, fa
     assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
     assert bool(torch.isfinite(out).all()), f"{name}: non-finite values in the backend's output"
     err, ref_err = max_error(out, truth), max_error(ref, truth)
+    if math.isnan(ref_err):  # the reference itself broke down in this dtype (e.g. fp16 overflow of
+        ref_err = 0.0        # 1/|x| for a tiny row): hold the backend to the slack alone
     magnitude = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
     bound = factor * ref_err + slack * magnitude
     assert err <= bound, (
