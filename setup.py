@@ -13,7 +13,7 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["vocabsem_fast", "vocabsem_fast.backends", "vocabsem_fast.kernels"]
+PACKAGES = ["vocabsem_fast", "vocabsem_fast.backends", "vocabsem_fast.app", "vocabsem_fast.kernels"]
 PACKAGE_DIR = {"vocabsem_fast.kernels": "kernels"}
 
 

@@ -12,4 +12,4 @@ fi
 export MAX_JOBS=${MAX_JOBS:-16}
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
 out=${OUT:-bench/results}/gpu-check.json
-timeout 540 python3 bench/gpu_check.py --out "$out" "$@"
+timeout 540 python3 bench/library/gpu_check.py --out "$out" "$@"

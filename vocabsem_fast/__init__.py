@@ -8,7 +8,7 @@ definitions every backend is tested against.
 from . import reference
 from .backends import available_backends
 from .bases import SemanticBasis, semantic_bases
-from .cluster import kmeans
+from .kmeans import kmeans
 from .ops import assign, similarity_cross_entropy, similarity_logits, similarity_topk
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._options import CrossEntropy, Similarity, accumulate_dtype
+from .options import CrossEntropy, Similarity, accumulate_dtype
 from ._validation import (
     check_assign_pair,
     check_bool,

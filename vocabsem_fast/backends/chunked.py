@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._options import CrossEntropy, Similarity, accumulate_dtype
+from ..options import CrossEntropy, Similarity, accumulate_dtype
 
 RowNorms = Callable[[Tensor], Tensor]
 

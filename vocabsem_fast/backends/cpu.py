@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._options import CrossEntropy, Similarity, accumulate_dtype
+from ..options import CrossEntropy, Similarity, accumulate_dtype
 from .chunked import _TILES, ChunkedBackend, reduce_rows, row_upstream
 
 # The C++ top-k keeps each row's best k sorted and inserts by shifting: cheap for the k of

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._options import CrossEntropy, Similarity, accumulate_dtype
+from ..options import CrossEntropy, Similarity, accumulate_dtype
 from .chunked import ChunkedBackend, reduce_rows, row_upstream, torch_row_norms
 
 STRIP_ELEMENTS = 1 << 27  # fp32 scores per strip: 512 MiB

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._options import CrossEntropy, Similarity
+from ..options import CrossEntropy, Similarity
 from .chunked import ChunkedBackend, reduce_rows, row_upstream, torch_row_norms
 
 MAX_FUSED_K = 64

@@ -1,0 +1,54 @@
+"""CPU benchmarks of the similarity cross-entropy and top-k: every backend against the
+materialising reference, same inputs, one run. Time by pytest-benchmark; peak extra memory of
+the same workload in a fresh process (bench/library/peak_memory.py) goes into ``extra_info``.
+
+    python -m pytest bench/library/bench_foundation.py --benchmark-enable --benchmark-only \
+        --benchmark-json=bench/results/foundation-cpu.json
+    python bench/library/summarize.py bench/results/foundation-cpu.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peak_memory  # noqa: E402
+import workloads  # noqa: E402
+
+SHAPE = workloads.SHAPES["smollm2"]
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return workloads.make_inputs(SHAPE)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("contender", workloads.LOSS_CONTENDERS)
+def test_cross_entropy(benchmark, inputs, contender, mode):
+    benchmark.group = f"cross_entropy {mode} {SHAPE.name} N={SHAPE.n} d={SHAPE.d} V={SHAPE.v} fp32"
+    hidden, bases, targets = inputs
+    loss = benchmark.pedantic(
+        workloads.cross_entropy_step, args=(contender, hidden, bases, targets),
+        kwargs={"backward": mode == "fwd+bwd"}, rounds=3, warmup_rounds=1,
+    )
+    if contender != "gemm_floor":  # every loss contender computes the same number
+        expected = workloads.cross_entropy_step("reference", hidden, bases, targets, backward=False)
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    gemms = 1 if mode == "fwd" else 3
+    benchmark.extra_info.update(peak_memory.measure(contender, SHAPE.name, mode))
+    benchmark.extra_info["gemm_flops"] = gemms * SHAPE.gemm_flops
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+
+
+@pytest.mark.parametrize("contender", workloads.TOPK_CONTENDERS)
+def test_topk(benchmark, inputs, contender):
+    benchmark.group = f"topk k=5 {SHAPE.name} N={SHAPE.n} d={SHAPE.d} V={SHAPE.v} fp32"
+    hidden, bases, _ = inputs
+    benchmark.pedantic(workloads.topk_step, args=(contender, hidden, bases), rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update(peak_memory.measure(contender, SHAPE.name, "topk"))
+    benchmark.extra_info["gemm_flops"] = SHAPE.gemm_flops

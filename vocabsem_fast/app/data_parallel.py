@@ -1,0 +1,50 @@
+"""Data-parallel training of the semantic clustering module on one machine: ``nproc`` spawned
+processes on gloo (loopback), each training ``VDSClassifier.fit(distributed=True)`` on its share
+of every batch; rank 0's trained module is loaded back. Under ``torchrun`` call
+``fit(distributed=True)`` yourself instead (see the README's guide)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from .semantic_clustering import SemanticClustering, VDSClassifier
+from .representations import Representations
+
+
+def _worker(rank: int, nproc: int, folder: str, threads: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init')}", rank=rank,
+                            world_size=nproc)
+    try:
+        job = torch.load(os.path.join(folder, "job.pt"), weights_only=False)
+        classifier = job["classifier"].fit(job["reps"], job["labels"], distributed=True)
+        if rank == 0:
+            torch.save(classifier.module.state_dict(), os.path.join(folder, "module.pt"))
+    finally:
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+        dist.destroy_process_group()
+
+
+def fit_data_parallel(classifier: VDSClassifier, reps: Representations, labels: torch.Tensor,
+                      nproc: int) -> VDSClassifier:
+    """``classifier.fit(reps, labels)`` with DDP over ``nproc`` local processes."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if nproc == 1:
+        return classifier.fit(reps, labels)
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // nproc)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({"classifier": classifier, "reps": reps, "labels": labels}, os.path.join(folder, "job.pt"))
+        mp.spawn(_worker, args=(nproc, folder, threads), nprocs=nproc, join=True)
+        state = torch.load(os.path.join(folder, "module.pt"))
+    classifier.module = SemanticClustering(classifier.bases.shape[1], attention=classifier.config.attention)
+    classifier.module.load_state_dict(state)
+    classifier.module.eval()
+    return classifier

@@ -1,0 +1,262 @@
+"""The evaluation harness: every method on the same task (model, seeded subsets), accuracy,
+macro-F1 and wall time split into fit and predict, plus a look at the representations before and
+after the semantic clustering module (adjusted Rand index, kNN accuracy, a 2-D picture).
+
+Methods are named by a spec, ``name[:key=value...]``: ``vds``, ``vds:train=mm:predict=mm``,
+``vds:train=sm-gt``, ``vds:attention=last``, ``icl:shots=8``, ``rag``, ``knn:k=3``,
+``lora:epochs=3``, ``ia3``, and two untrained references, ``zeroshot`` (the LM head on the
+zero-shot prompt) and ``cosine`` (nearest label basis of the raw representation).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .baselines import AdapterTuning, InContextLearning, KNNPrompting, RetrievalICL, majority_vote
+from ..bases import lm_head_weight
+from .semantic_clustering import FitConfig, VDSClassifier
+from ..kmeans import kmeans
+from ..ops import similarity_logits
+from .data_parallel import fit_data_parallel
+from .tasks import Task, head_logits
+
+DEFAULT_METHODS = ("vds", "knn", "icl", "rag", "lora", "ia3")
+
+
+class VDS:
+    """The semantic clustering module trained on frozen representations (see ``clustering``)."""
+
+    uses_representations = ("train", "test")
+
+    def __init__(self, nproc: int = 1, **options):
+        renamed = {"train": "train_logits", "predict": "predict_logits"}
+        self.config = FitConfig(**{renamed.get(k, k): v for k, v in options.items()})
+        if not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(f"nproc must be a positive int, got {nproc!r}")
+        self.nproc = nproc  # > 1: data-parallel training over that many local processes
+
+    def fit(self, task: Task) -> VDS:
+        basis = task.basis
+        head = bias = None
+        if "mm" in (self.config.train_logits, self.config.predict_logits):
+            head = lm_head_weight(task.model)
+            bias = getattr(task.model.get_output_embeddings(), "bias", None)
+        config = replace(self.config, seed=task.seed)
+        self.classifier = VDSClassifier(basis.vectors, basis.token_ids(task.words), head_weight=head, head_bias=bias,
+                                        config=config)
+        fit_data_parallel(self.classifier, task.representations("train"), task.labels("train"), self.nproc)
+        return self
+
+    def predict(self, task: Task) -> Tensor:
+        return self.classifier.predict(task.representations("test"))
+
+
+class ZeroShotHead:
+    """The LM's own answer to the zero-shot prompt: the label word with the highest next-token logit."""
+
+    uses_representations = ("test",)
+
+    def fit(self, task: Task) -> ZeroShotHead:
+        return self
+
+    def predict(self, task: Task) -> Tensor:
+        return head_logits(task.model, task.representations("test").last, task.next_token_ids).argmax(-1)
+
+
+class ZeroShotCosine(ZeroShotHead):
+    """Nearest label basis of the untrained representation (what VDS starts from)."""
+
+    def predict(self, task: Task) -> Tensor:
+        bases = task.basis.for_words(task.words)
+        return similarity_logits(task.representations("test").last, bases).argmax(-1)
+
+
+FACTORIES = {
+    "vds": VDS,
+    "icl": InContextLearning,
+    "rag": RetrievalICL,
+    "knn": KNNPrompting,
+    "lora": lambda **kw: AdapterTuning("lora", **kw),
+    "ia3": lambda **kw: AdapterTuning("ia3", **kw),
+    "zeroshot": ZeroShotHead,
+    "cosine": ZeroShotCosine,
+}
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def make_method(spec: str):
+    """A method from its spec, ``name[:key=value...]`` (see the module docstring)."""
+    name, *pairs = spec.strip().split(":")
+    if name not in FACTORIES:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {', '.join(FACTORIES)}")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method option {pair!r} in {spec!r} is not key=value")
+        options[key.replace("-", "_")] = _value(value)
+    try:
+        return FACTORIES[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"bad option for method {name!r} in {spec!r}: {exc}") from None
+
+
+def parse_methods(text: str) -> list[str]:
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if not specs:
+        raise ValueError("methods is empty")
+    for spec in specs:
+        make_method(spec)  # fail before any model work
+    return specs
+
+
+def scores(truth: Tensor, predicted: Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (mean over all the task's classes; a class never predicted and
+    never true counts as F1 0, as sklearn does with zero_division=0)."""
+    from sklearn.metrics import f1_score
+
+    truth, predicted = truth.tolist(), predicted.tolist()
+    accuracy = sum(t == p for t, p in zip(truth, predicted)) / max(1, len(truth))
+    macro_f1 = f1_score(truth, predicted, labels=list(range(num_classes)), average="macro", zero_division=0)
+    return {"accuracy": float(accuracy), "macro_f1": float(macro_f1)}
+
+
+def knn_accuracy(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, k: int = 5) -> float:
+    """Accuracy of a k-nearest-neighbour vote (cosine) of test points among the train points."""
+    nearest = (F.normalize(test, dim=-1) @ F.normalize(train, dim=-1).T).topk(min(k, len(train)), dim=-1).indices
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return float((majority_vote(train_labels[nearest], classes) == test_labels).float().mean())
+
+
+def cluster_quality(points: Tensor, labels: Tensor, num_classes: int, seed: int) -> float:
+    """Adjusted Rand index of spherical k-means (k = classes) against the labels."""
+    from sklearn.metrics import adjusted_rand_score
+
+    _, assigned = kmeans(points.float(), num_classes, iters=50, metric="cosine", seed=seed)
+    return float(adjusted_rand_score(labels.tolist(), assigned.tolist()))
+
+
+def representation_analysis(task: Task, method: VDS) -> dict[str, float]:
+    """ARI and kNN accuracy of the test representations before and after the module."""
+    train, test = task.representations("train"), task.representations("test")
+    train_labels, test_labels = task.labels("train"), task.labels("test")
+    after_train, after_test = method.classifier.transform(train), method.classifier.transform(test)
+    return {
+        "ari_before": cluster_quality(test.last, test_labels, task.num_classes, task.seed),
+        "ari_after": cluster_quality(after_test, test_labels, task.num_classes, task.seed),
+        "knn_accuracy_before": knn_accuracy(train.last, train_labels, test.last, test_labels),
+        "knn_accuracy_after": knn_accuracy(after_train, train_labels, after_test, test_labels),
+    }
+
+
+def plot_representations(task: Task, method: VDS, path: Path, title: str) -> Path:
+    """Side-by-side 2-D PCA of the test representations before and after the module, coloured
+    by label; the label words' bases are drawn as stars in the "after" panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = task.representations("test")
+    labels = task.labels("test").numpy()
+    after = method.classifier.transform(test)
+    label_bases = F.normalize(task.basis.for_words(task.words).float(), dim=-1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    panels = [("before: last-token representation", F.normalize(test.last, dim=-1), None),
+              ("after: semantic clustering module", F.normalize(after, dim=-1), label_bases)]
+    colours = plt.get_cmap("tab10")
+    for ax, (name, points, stars) in zip(axes, panels):
+        mean = points.mean(0, keepdim=True)
+        _, _, v = torch.pca_lowrank(points - mean, q=2, center=False, niter=4)
+        xy = ((points - mean) @ v).numpy()
+        for c, word in enumerate(task.words):
+            chosen = labels == c
+            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=8, alpha=0.6, color=colours(c % 10), label=word)
+        if stars is not None:
+            sxy = ((stars - mean) @ v).numpy()
+            for c, word in enumerate(task.words):
+                ax.scatter(sxy[c, 0], sxy[c, 1], marker="*", s=250, color=colours(c % 10), edgecolor="black")
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(loc="best", fontsize=8, markerscale=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None = None,
+                  on_result=None) -> dict[str, dict]:
+    """Fit and score each method on ``task``; ``{spec: result}``. A method is charged the time of
+    the shared representations it uses even when another method computed them first."""
+    results = {}
+    for spec in methods:
+        method = make_method(spec)
+        ready = set(task.extraction_seconds)
+        start = time.perf_counter()
+        method.fit(task)
+        fit_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        predicted = method.predict(task)
+        predict_seconds = time.perf_counter() - start
+        for split in method.uses_representations:
+            if split in ready:
+                shared = task.extraction_seconds[split]
+                if split == "train":
+                    fit_seconds += shared
+                else:
+                    predict_seconds += shared
+        result = scores(task.labels("test"), predicted, task.num_classes)
+        result.update(seconds=fit_seconds + predict_seconds, fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                      train_size=len(task.train), test_size=len(task.test), test_is_train_holdout=task.holdout)
+        if isinstance(method, VDS):
+            result["analysis"] = representation_analysis(task, method)
+            if plot_dir is not None:
+                name = spec.replace(":", "_").replace("=", "-")
+                path = Path(plot_dir) / f"{task.data.name}-{name}.png"
+                result["plot"] = str(plot_representations(task, method, path, f"{task.data.name}: {spec}"))
+        results[spec] = result
+        if on_result is not None:
+            on_result(spec, result)
+        del method  # an adapter's model copy goes now, not after the next method
+    return results
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    """One row per data set and method: accuracy, macro-F1, fit / predict seconds."""
+    header = f"{'data':<10} {'method':<26} {'acc':>6} {'macro-F1':>8} {'fit s':>8} {'predict s':>9}"
+    lines = [header, "-" * len(header)]
+    for data_name, per_method in results.items():
+        for spec, r in per_method.items():
+            lines.append(f"{data_name:<10} {spec:<26} {r['accuracy']:>6.3f} {r['macro_f1']:>8.3f} "
+                         f"{r['fit_seconds']:>8.1f} {r['predict_seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def format_analysis(results: dict[str, dict[str, dict]]) -> str:
+    lines = []
+    for data_name, per_method in results.items():
+        for spec, r in per_method.items():
+            a = r.get("analysis")
+            if a:
+                lines.append(f"{data_name} {spec}: ARI {a['ari_before']:.3f} -> {a['ari_after']:.3f}, "
+                             f"kNN accuracy {a['knn_accuracy_before']:.3f} -> {a['knn_accuracy_after']:.3f}"
+                             + (f"  ({r['plot']})" if "plot" in r else ""))
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Frozen-LM representations of prompts: the last layer's hidden state (after the final norm)
+at the last prompt token, plus its mean and max over the prompt's tokens.
+
+Batches are left-padded with explicit position ids, so a prompt gets the same representation
+alone or beside longer ones. Results are cached on disk, keyed by the model's head weights and
+configuration and by the exact prompts, so a second run does no forward passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..bases import default_cache_dir, lm_head_weight, tensor_sha256
+
+_FORMAT = "vocabsem_fast.representations/1"
+
+
+@dataclass
+class Representations:
+    last: Tensor  # (M, d) last prompt token, last layer, after the final norm
+    mean: Tensor  # (M, d) mean over the prompt's tokens of the same layer
+    max: Tensor   # (M, d) elementwise max over the prompt's tokens
+
+    def __len__(self) -> int:
+        return self.last.shape[0]
+
+
+def model_fingerprint(model) -> str:
+    """Identifies a model for caching: its configuration and the hash of its head weights."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    digest.update(tensor_sha256(lm_head_weight(model)).encode())
+    return digest.hexdigest()
+
+
+def _cache_path(cache_dir: Path, fingerprint: str, prompts: list[str]) -> Path:
+    digest = hashlib.sha256(json.dumps([_FORMAT, fingerprint, prompts]).encode()).hexdigest()
+    return cache_dir / f"reps-{digest[:32]}.safetensors"
+
+
+def batch_inputs(tokenizer, prompts: list[str], device, *, max_length: int | None = None):
+    """``(input_ids, attention_mask, position_ids)`` of a left-padded batch, so that every prompt
+    ends at the last column. ``max_length`` keeps a long prompt's last tokens."""
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, truncation=max_length is not None,
+                        max_length=max_length)
+    ids = encoded["input_ids"].to(device)
+    mask = encoded["attention_mask"].to(device)
+    # positions count real tokens only, so left padding does not shift them
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, positions
+
+
+@torch.no_grad()
+def _encode_batch(model, tokenizer, prompts: list[str]) -> Representations:
+    ids, mask, positions = batch_inputs(tokenizer, prompts, next(model.parameters()).device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    states = out.hidden_states[-1].float()  # HF applies the final norm to the last entry
+    keep = mask.bool().unsqueeze(-1)
+    count = mask.sum(-1, keepdim=True).clamp_min(1).to(states.dtype)
+    mean = torch.where(keep, states, 0.0).sum(1) / count
+    peak = torch.where(keep, states, float("-inf")).amax(1)
+    return Representations(states[:, -1].cpu(), mean.cpu(), peak.cpu())
+
+
+def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache_dir: str | os.PathLike | None = None,
+            use_cache: bool = True, progress: bool = True, desc: str = "representations") -> Representations:
+    """Representations of ``prompts`` (in order), computed in batches or read from the cache."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "representations"
+    path = _cache_path(directory, model_fingerprint(model), list(prompts)) if use_cache else None
+    if path is not None and path.exists():
+        from safetensors.torch import load_file
+
+        try:
+            saved = load_file(str(path))
+            if saved["last"].shape[0] == len(prompts):
+                return Representations(saved["last"], saved["mean"], saved["max"])
+        except Exception:  # unreadable cache file: recompute and overwrite it
+            pass
+    # longest first: batches of similar length waste less on padding; order restored below
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    parts = []
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False)
+    for start in batches:
+        parts.append(_encode_batch(model, tokenizer, [prompts[i] for i in order[start:start + batch_size]]))
+    if parts:
+        stacked = {name: torch.cat([getattr(p, name) for p in parts]) for name in ("last", "mean", "max")}
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        reps = Representations(*(stacked[name][inverse] for name in ("last", "mean", "max")))
+    else:
+        d = model.config.hidden_size
+        reps = Representations(torch.empty(0, d), torch.empty(0, d), torch.empty(0, d))
+    if path is not None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"last": reps.last.contiguous(), "mean": reps.mean.contiguous(), "max": reps.max.contiguous()},
+                  str(tmp))
+        os.replace(tmp, path)
+    return reps

@@ -1,0 +1,112 @@
+"""One classification task on one frozen LM: the seeded train/test subsets, their prompts and
+labels, the label words' tokens, and the prompts' representations, computed once and shared by
+every method that needs them (each method is still charged the time they took)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..bases import SemanticBasis
+from .data import ClassificationData, Example
+from .representations import Representations, extract
+
+
+def first_token_ids(tokenizer, words: list[str]) -> Tensor:
+    """The first token of ``" " + word`` for each word: the token an LM must emit next to start
+    that word after a prompt (what next-token scoring compares)."""
+    ids = []
+    for word in words:
+        encoded = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if not encoded:
+            raise ValueError(f"label word {word!r} encodes to no token")
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label words {words} share a first token: next-token scoring cannot tell them apart")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def context_limit(model, cap: int) -> int:
+    """Tokens a prompt may hold: the model's positions, at most ``cap``."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(cap, positions) if positions else cap
+
+
+def head_logits(model, last: Tensor, token_ids: Tensor | None = None) -> Tensor:
+    """Next-token logits (of ``token_ids`` only, if given) from last-layer states taken after
+    the final norm: the LM head alone, no forward pass."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if token_ids is not None:
+        weight, bias = weight[token_ids], None if bias is None else bias[token_ids]
+    with torch.no_grad():
+        return F.linear(last.to(weight.device, weight.dtype), weight, bias).float().cpu()
+
+
+@dataclass
+class Task:
+    """A data set's seeded subsets on one model. ``train_limit`` / ``test_limit`` take
+    class-stratified subsets; a data set whose test split carries no usable labels is evaluated
+    on a stratified hold-out of its training split instead (``holdout`` says so)."""
+
+    model: object
+    tokenizer: object
+    data: ClassificationData
+    train_limit: int | None = None
+    test_limit: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    use_cache: bool = True
+    progress: bool = True
+    extraction_seconds: dict[str, float] = field(default_factory=dict)
+    _reps: dict[str, Representations] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.holdout = not self.data.test_labelled
+        self.labelled = self.data.with_labelled_test(self.seed)
+        self.train: list[Example] = self.labelled.subset("train", self.train_limit, self.seed)
+        self.test: list[Example] = self.labelled.subset("test", self.test_limit, self.seed)
+
+    @property
+    def words(self) -> list[str]:
+        return self.data.words
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.labels)
+
+    def prompts(self, split: str) -> list[str]:
+        return [self.data.prompt(e) for e in getattr(self, split)]
+
+    def labels(self, split: str) -> Tensor:
+        return torch.tensor([self.data.label_index(e) for e in getattr(self, split)], dtype=torch.long)
+
+    def demonstration(self, example: Example) -> str:
+        """An example with its answer, as it appears among in-context demonstrations."""
+        return f"{self.data.prompt(example)} {self.data.label_words[example.label]}"
+
+    @cached_property
+    def next_token_ids(self) -> Tensor:
+        return first_token_ids(self.tokenizer, self.words)
+
+    @cached_property
+    def basis(self) -> SemanticBasis:
+        return SemanticBasis.from_model(self.model, tokenizer=self.tokenizer)
+
+    def encode(self, prompts: list[str], *, desc: str = "representations") -> Representations:
+        return extract(self.model, self.tokenizer, prompts, batch_size=self.batch_size, use_cache=self.use_cache,
+                       progress=self.progress, desc=desc)
+
+    def representations(self, split: str) -> Representations:
+        """The zero-shot prompts' representations of ``split``, computed once per task."""
+        if split not in self._reps:
+            start = time.perf_counter()
+            self._reps[split] = self.encode(self.prompts(split), desc=f"{self.data.name} {split}")
+            self.extraction_seconds[split] = time.perf_counter() - start
+        return self._reps[split]
