@@ -334,4 +334,5 @@ def soft_assign(points, centroids, inv_p, inv_c, scale: float):
     return out
 
 
+MAX_TOPK = 64  # the top-k takes a tile's best K one at a time (K passes over the tile): small K only
 MAX_SOFT_ASSIGN_K = 256  # beyond this a (BLOCK_N, K) fp32 tile no longer fits in registers

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import random
 import sys
+import tempfile
 
 import pytest
 import torch
 
 # ``from helpers import ...`` works however pytest is invoked (and whether or not tests/ is a package).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# torch.compile's on-disk caches can outlive a change of a custom op's schema: compile afresh.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vocabsem-inductor-"))
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 import vocabsem_fast
 from vocabsem_fast.backends import TRITON_INTERPRETING
-from vocabsem_fast.backends.chunked import tile_config
+from vocabsem_fast.backends.tiles import tile_config
 
 # The backends that run on the CPU tensors these tests make, from the registry at collection
 # time (triton only under its interpreter). The GPU backends are checked on CUDA tensors by

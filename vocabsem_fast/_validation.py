@@ -82,7 +82,8 @@ def check_targets(targets, hidden: Tensor) -> None:
     check_same_device(hidden=hidden, targets=targets)
 
 
-def check_number(value, name: str, *, positive: bool = False, low: float | None = None, high: float | None = None) -> float:
+def check_number(value, name: str, *, positive: bool = False, low: float | None = None,
+                 high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

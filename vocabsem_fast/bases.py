@@ -7,10 +7,7 @@ hash of its head weights.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,8 +15,9 @@ import torch
 from torch import Tensor
 
 from ._validation import check_float, check_number
+from .cache import content_key, default_cache_dir, load_tensors, save_tensors
 
-_CACHE_FORMAT = "vocabsem_fast.semantic_bases/1"
+_CACHE_FORMAT = "vocabsem_fast.semantic_bases/2"
 
 
 def semantic_bases(lm_head_weight: Tensor, *, rcond: float | None = None) -> Tensor:
@@ -40,17 +38,6 @@ def semantic_bases(lm_head_weight: Tensor, *, rcond: float | None = None) -> Ten
     weight = lm_head_weight.detach().double()
     pinv = torch.linalg.pinv(weight) if rcond is None else torch.linalg.pinv(weight, rcond=rcond)
     return pinv.T.contiguous().to(lm_head_weight.dtype)
-
-
-def default_cache_dir() -> Path:
-    """``$VOCABSEM_CACHE`` or ``~/.cache/vocabsem_fast``."""
-    root = os.environ.get("VOCABSEM_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "vocabsem_fast"
-
-
-def tensor_sha256(t: Tensor) -> str:
-    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(memoryview(data)).hexdigest()
 
 
 def lm_head_weight(model) -> Tensor:
@@ -93,13 +80,16 @@ class SemanticBasis:
         without one it is loaded from ``model.name_or_path`` when first needed.
         """
         weight = lm_head_weight(model)
-        key = _cache_key(weight, rcond)
+        # the key covers the head's dtype and shape too, so a matching entry has the right ones
+        key = content_key({"entry": _CACHE_FORMAT, "rcond": rcond}, weight)
         directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "bases"
         path = directory / f"bases-{key[:32]}.safetensors"
-        vectors = _load_cached(path, key, tuple(weight.shape), weight.dtype)
-        if vectors is None:
+        cached = load_tensors(path, key, names=["vectors"])
+        if cached is not None:
+            vectors = cached["vectors"]
+        else:
             vectors = semantic_bases(weight.detach().cpu(), rcond=rcond)
-            _save_cached(path, key, vectors)
+            save_tensors(path, key, {"vectors": vectors})
         name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         return cls(vectors, tokenizer=tokenizer, head_sha256=key, model_name=name)
 
@@ -140,46 +130,3 @@ class SemanticBasis:
     def to(self, *args, **kwargs) -> SemanticBasis:
         return SemanticBasis(self.vectors.to(*args, **kwargs), tokenizer=self.tokenizer,
                              head_sha256=self.head_sha256, model_name=self.model_name)
-
-
-def _cache_key(weight: Tensor, rcond: float | None) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps([_CACHE_FORMAT, list(weight.shape), str(weight.dtype), rcond]).encode())
-    digest.update(tensor_sha256(weight).encode())
-    return digest.hexdigest()
-
-
-def _load_cached(path: Path, key: str, shape: tuple, dtype: torch.dtype) -> Tensor | None:
-    """The cached bases, or None when the file is absent, unreadable or not what it claims."""
-    if not path.exists():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            vectors = f.get_tensor("vectors")
-    except Exception as exc:  # truncated or garbled file: safetensors raises its own error types
-        warnings.warn(f"semantic-bases cache {path} is unreadable ({exc}); recomputing", stacklevel=3)
-        return None
-    ok = (
-        meta.get("format") == _CACHE_FORMAT
-        and meta.get("head_key") == key
-        and tuple(vectors.shape) == shape
-        and vectors.dtype == dtype
-        and meta.get("vectors_sha256") == tensor_sha256(vectors)
-    )
-    if not ok:
-        warnings.warn(f"semantic-bases cache {path} is stale or corrupt; recomputing", stacklevel=3)
-        return None
-    return vectors
-
-
-def _save_cached(path: Path, key: str, vectors: Tensor) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": _CACHE_FORMAT, "head_key": key, "vectors_sha256": tensor_sha256(vectors)}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"vectors": vectors.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: a reader never sees a half-written file

@@ -2,10 +2,10 @@
 
 Each rank holds a contiguous shard of the bases (rows ``vocab_start .. vocab_start + V_local``);
 ``hidden`` and ``targets`` are the same everywhere. Per rank, the fused local op gives the
-shard's log-sum-exp (from its per-row loss plus the picked logit, both differentiable), and the
-global loss is assembled from three all-reduces of N-vectors: the max and the rescaled sum of the
-partial log-sum-exps, and the target logit (plus the logit sum for label smoothing). No rank
-holds N x V_local scores, let alone N x V.
+shard's log-sum-exp (``return_lse=True``, differentiable), and the global loss is assembled
+from three all-reduces of N-vectors: the max and the rescaled sum of the partial log-sum-exps,
+and the target logit (plus the logit sum for label smoothing). No rank holds N x V_local
+scores, let alone N x V.
 
 Gradients: every rank computes the same loss, so the all-reduced quantities pass their gradient
 through unchanged to each rank's local terms; each shard's gradient is then local, and the
@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_int, check_number, check_pair, check_reduction, check_targets
+from ._validation import check_int
+from .ops import check_cross_entropy_args
 from .ops import similarity_cross_entropy as _local_cross_entropy
 
 
@@ -82,14 +83,12 @@ def similarity_cross_entropy(hidden: Tensor, bases_shard: Tensor, targets: Tenso
     the ranks of ``group`` in rank order of ``vocab_start`` (see the module docstring)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocabsem_fast.distributed needs an initialised torch.distributed process group")
-    check_pair(hidden, bases_shard)
-    check_targets(targets, hidden)
+    call = check_cross_entropy_args(hidden, bases_shard, targets, scale=scale, normalize=normalize,
+                                    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                    eps=eps)
     vocab_start = check_int(vocab_start, "vocab_start", low=0)
-    scale = check_number(scale, "scale")
-    eps = check_number(eps, "eps", positive=True)
-    ignore_index = check_int(ignore_index, "ignore_index")
-    reduction = check_reduction(reduction)
-    smoothing = check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    scale, normalize, eps, ignore_index = call.scale, call.normalize, call.eps, call.ignore_index
+    reduction, smoothing = call.reduction, call.label_smoothing
 
     h = _SumGradientsAcrossRanks.apply(hidden.reshape(-1, hidden.shape[-1]), group)
     t = targets.reshape(-1).long()
@@ -106,9 +105,10 @@ def similarity_cross_entropy(hidden: Tensor, bases_shard: Tensor, targets: Tenso
     if v_local > 0:
         hn = _unit(h, normalize, eps)
         picked = scale * (hn * _unit(bases_shard[local_t], normalize, eps)).sum(-1)
-        # the fused op's per-row loss is lse_shard - picked: add the picked logit back
-        lse_local = _local_cross_entropy(h, bases_shard, local_t, scale=scale, normalize=normalize,
-                                         reduction="none", eps=eps, impl=impl).to(acc) + picked
+        # the shard's log-sum-exp from the fused op (its loss is not used: "none" forms no gradients early)
+        _, lse_local = _local_cross_entropy(h, bases_shard, local_t, scale=scale, normalize=normalize,
+                                            reduction="none", eps=eps, impl=impl, return_lse=True)
+        lse_local = lse_local.to(acc)
     else:  # an empty shard contributes nothing to any sum
         hn = None
         picked = h.new_zeros(h.shape[0], dtype=acc)

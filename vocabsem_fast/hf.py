@@ -64,7 +64,8 @@ def _original_head(model) -> nn.Module:
     return head
 
 
-def use_similarity_logits(model, *, scale: float = 20.0, bases: Tensor | None = None, tokenizer=None) -> SimilaritySwitch:
+def use_similarity_logits(model, *, scale: float = 20.0, bases: Tensor | None = None,
+                          tokenizer=None) -> SimilaritySwitch:
     """Swap ``model``'s head for a ``SimilarityHead`` over ``bases`` (default: the semantic bases
     of the current head, from the disk cache). Returns the switch; ``.restore()`` undoes it."""
     head = _original_head(model)

@@ -8,11 +8,12 @@ opaque to the compiler, ``torch.compile(fullgraph=True)`` captures a call as one
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from . import backends
-from .options import CrossEntropy, Similarity, accumulate_dtype
 from ._validation import (
     check_assign_pair,
     check_bool,
@@ -23,6 +24,8 @@ from ._validation import (
     check_target_range,
     check_targets,
 )
+from .backends.normalization import inverse_norms, normalization_backward
+from .options import LossOptions, SimilarityOptions, accumulate_dtype
 
 __all__ = ["similarity_logits", "similarity_cross_entropy", "similarity_topk", "assign"]
 
@@ -49,7 +52,8 @@ def _needed(ctx, dh: Tensor, db: Tensor, n_rest: int) -> tuple:
 # --- similarity logits ----------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::similarity_logits", mutates_args=())
 def _logits_op(hidden: Tensor, bases: Tensor, scale: float, normalize: bool, eps: float, impl: str) -> Tensor:
-    return backends.get(impl).logits(hidden, bases, Similarity(scale, normalize, eps))
+    return backends.select(impl, "logits", hidden.device, hidden.dtype).logits(
+        hidden, bases, SimilarityOptions(scale, normalize, eps))
 
 
 @_logits_op.register_fake
@@ -62,8 +66,8 @@ def _logits_backward_op(
     grad: Tensor, hidden: Tensor, bases: Tensor, scale: float, normalize: bool, eps: float, impl: str,
     need_hidden: bool, need_bases: bool,
 ) -> tuple[Tensor, Tensor]:
-    dh, db = backends.get(impl).logits_backward(
-        grad, hidden, bases, Similarity(scale, normalize, eps), need_hidden, need_bases
+    dh, db = backends.select(impl, "logits", hidden.device, hidden.dtype).logits_backward(
+        grad, hidden, bases, SimilarityOptions(scale, normalize, eps), need_hidden, need_bases
     )
     return _or_empty(dh, hidden), _or_empty(db, bases)
 
@@ -89,10 +93,29 @@ _logits_op.register_autograd(_logits_autograd, setup_context=_logits_setup)
 
 
 # --- similarity cross-entropy ---------------------------------------------------------------------
-def _forward_gradients(impl: str, reduction: str, grad_hidden: bool, grad_bases: bool) -> tuple[bool, bool]:
+def _reduce_rows(per_row: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """"none" keeps rows; "mean" divides by the non-ignored count (0.0 when there are none)."""
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def _row_upstream(grad: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """The upstream gradient of each row's loss (zero for ignored rows)."""
+    if reduction == "none":
+        return torch.where(valid, grad, 0.0)
+    if reduction == "mean":
+        grad = grad / valid.sum().clamp_min(1).to(grad.dtype)
+    return torch.where(valid, grad.expand(valid.shape), 0.0)
+
+
+def _forward_gradients(impl: str, reduction: str, hidden: Tensor, grad_hidden: bool,
+                       grad_bases: bool) -> tuple[bool, bool]:
     """Which gradients the cross-entropy op returns from its forward pass: those asked for, when
     the loss is reduced and the backend forms them there (data-independent, so the fake agrees)."""
-    early = reduction != "none" and backends.get(impl).gradients_in_forward
+    backend = backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
+    early = reduction != "none" and backend.capabilities.gradients_in_forward
     return early and grad_hidden, early and grad_bases
 
 
@@ -105,11 +128,18 @@ def _cross_entropy_op(
     loss from the forward pass; a backend that cannot (or "none") returns empty ones and the
     backward op recomputes."""
     check_target_range(targets, bases.shape[0], ignore_index)
-    loss, lse, dh, db = backends.get(impl).cross_entropy(
-        hidden, bases, targets, Similarity(scale, normalize, eps),
-        CrossEntropy(ignore_index, reduction, label_smoothing), grad_hidden, grad_bases,
+    backend = backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
+    early_hidden, early_bases = _forward_gradients(impl, reduction, hidden, grad_hidden, grad_bases)
+    valid = targets != ignore_index
+    weight = None
+    if early_hidden or early_bases:
+        weight = _row_upstream(torch.ones((), dtype=accumulate_dtype(hidden.dtype), device=hidden.device), valid,
+                               reduction)
+    per_row, lse, dh, db = backend.cross_entropy(
+        hidden, bases, targets, SimilarityOptions(scale, normalize, eps), LossOptions(ignore_index, label_smoothing),
+        weight, early_hidden, early_bases,
     )
-    return loss, lse, _or_empty(dh, hidden), _or_empty(db, bases)
+    return _reduce_rows(per_row, valid, reduction), lse, _or_empty(dh, hidden), _or_empty(db, bases)
 
 
 @_cross_entropy_op.register_fake
@@ -118,27 +148,66 @@ def _(hidden, bases, targets, scale, normalize, eps, ignore_index, reduction, la
     acc = accumulate_dtype(hidden.dtype)
     n = hidden.shape[0]
     loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
-    dh, db = _fake_grads(hidden, bases, *_forward_gradients(impl, reduction, grad_hidden, grad_bases))
+    dh, db = _fake_grads(hidden, bases, *_forward_gradients(impl, reduction, hidden, grad_hidden, grad_bases))
     return loss, hidden.new_empty(n, dtype=acc), dh, db
 
 
 @torch.library.custom_op(f"{_LIB}::similarity_cross_entropy_backward", mutates_args=())
 def _cross_entropy_backward_op(
-    grad: Tensor, hidden: Tensor, bases: Tensor, targets: Tensor, lse: Tensor, scale: float, normalize: bool,
-    eps: float, ignore_index: int, reduction: str, label_smoothing: float, impl: str,
-    need_hidden: bool, need_bases: bool,
+    row_weight: Tensor, hidden: Tensor, bases: Tensor, targets: Tensor, lse: Tensor, scale: float, normalize: bool,
+    eps: float, ignore_index: int, label_smoothing: float, impl: str, need_hidden: bool, need_bases: bool,
 ) -> tuple[Tensor, Tensor]:
-    dh, db = backends.get(impl).cross_entropy_backward(
-        grad, hidden, bases, targets, lse, Similarity(scale, normalize, eps),
-        CrossEntropy(ignore_index, reduction, label_smoothing), need_hidden, need_bases,
+    """Gradients of ``sum_i row_weight_i * loss_i`` (``row_weight`` zero where the target is ignored)."""
+    backend = backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
+    dh, db = backend.cross_entropy_backward(
+        row_weight, hidden, bases, targets, lse, SimilarityOptions(scale, normalize, eps),
+        LossOptions(ignore_index, label_smoothing), need_hidden, need_bases,
     )
     return _or_empty(dh, hidden), _or_empty(db, bases)
 
 
 @_cross_entropy_backward_op.register_fake
-def _(grad, hidden, bases, targets, lse, scale, normalize, eps, ignore_index, reduction, label_smoothing, impl,
+def _(row_weight, hidden, bases, targets, lse, scale, normalize, eps, ignore_index, label_smoothing, impl,
       need_hidden, need_bases):
     return _fake_grads(hidden, bases, need_hidden, need_bases)
+
+
+def _lse_target_terms_backward(grad_lse: Tensor, hidden: Tensor, bases: Tensor, targets: Tensor, scale: float,
+                               normalize: bool, eps: float, smoothing: float, need_hidden: bool, need_bases: bool):
+    """Gradients of ``sum_i g_i ((1 - ls) z[i, t_i] + ls / V sum_j z[i, j])``: what the log-sum-exp
+    adds to a row's loss beyond the loss itself (lse = loss + those terms), in O((N + V) d)."""
+    acc = accumulate_dtype(hidden.dtype)
+    g = grad_lse.to(acc)
+    inv_h = inverse_norms(hidden, eps) if normalize else None
+    inv_b = inverse_norms(bases, eps) if normalize else None
+    hn = hidden.to(acc) if inv_h is None else hidden.to(acc) * inv_h[:, None]
+    picked = bases[targets].to(acc)
+    if inv_b is not None:
+        picked = picked * inv_b[targets, None]
+    c = g * (scale * (1.0 - smoothing))
+    dhn = picked * c[:, None] if need_hidden else None
+    dbn = None
+    if need_bases:
+        dbn = torch.zeros(bases.shape, dtype=acc, device=bases.device)
+        dbn.index_add_(0, targets, hn * c[:, None])
+    if smoothing > 0:
+        e = g * (scale * smoothing / bases.shape[0])
+        if need_hidden:  # sum_j of the (normalised) bases, a V-chunk at a time
+            total = torch.zeros(bases.shape[1], dtype=acc, device=bases.device)
+            step = 1 << 14
+            for c0 in range(0, bases.shape[0], step):
+                chunk = bases[c0:c0 + step].to(acc)
+                total += chunk.sum(0) if inv_b is None else inv_b[c0:c0 + step] @ chunk
+            dhn.addcmul_(e[:, None], total[None, :])
+        if need_bases:
+            dbn += (e[:, None] * hn).sum(0)
+    dh = db = None
+    if need_hidden:
+        dh = dhn.to(hidden.dtype) if inv_h is None else normalization_backward(hidden, inv_h, dhn, eps)
+    if need_bases:
+        db = dbn if inv_b is None else normalization_backward(bases, inv_b, dbn, eps, out=dbn)
+        db = db.to(bases.dtype)
+    return dh, db
 
 
 def _cross_entropy_setup(ctx, inputs, output):
@@ -146,11 +215,11 @@ def _cross_entropy_setup(ctx, inputs, output):
     ctx.options = options[:-2]  # without the grad_hidden / grad_bases requests
     ctx.n_inputs = len(inputs)
     loss, lse, dh, db = output
-    ctx.mark_non_differentiable(lse, dh, db)
+    ctx.mark_non_differentiable(dh, db)
     # Unused outputs get None as their gradient, not zeros: zeros_like(db) would be a V x d buffer.
     ctx.set_materialize_grads(False)
     impl, reduction = options[-3], options[-5]
-    precomputed = any(_forward_gradients(impl, reduction, options[-2], options[-1]))
+    precomputed = any(_forward_gradients(impl, reduction, hidden, options[-2], options[-1]))
     # In eager mode gradients formed in the forward pass stay outside the saved tensors: the first
     # backward scales them in place and drops them, so no second gradient-sized buffer exists (a
     # later backward under retain_graph finds none and recomputes). Tracers (torch.compile,
@@ -164,17 +233,42 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
     hidden, bases, targets, lse, *saved = ctx.saved_tensors
     early, ctx.early_grads = ctx.early_grads, None
+    scale, normalize, eps, ignore_index, reduction, smoothing, impl = ctx.options
+    need_hidden, need_bases = ctx.needs_input_grad[:2]
     rest = ctx.n_inputs - 2  # inputs after hidden and bases: never differentiable
-    if grad_loss is None:  # the loss was not used: nothing flows back
+    if grad_loss is None and grad_lse is None:  # neither output was used: nothing flows back
         return (None,) * ctx.n_inputs
-    if early is not None:  # a reduced loss: the upstream gradient is a scalar
-        dh, db = (g.mul_(grad_loss.to(g.dtype)) for g in early)
-    elif saved:
-        dh, db = (g * grad_loss.to(g.dtype) for g in saved)
-    else:
-        dh, db = _cross_entropy_backward_op(
-            grad_loss, hidden, bases, targets, lse, *ctx.options, *ctx.needs_input_grad[:2]
-        )
+    valid = targets != ignore_index
+    dh = db = None
+    if grad_loss is not None and (early is not None or saved):  # a reduced loss: the upstream gradient is a scalar
+        if early is not None:
+            dh, db = (g.mul_(grad_loss.to(g.dtype)) for g in early)
+        else:
+            dh, db = (g * grad_loss.to(g.dtype) for g in saved)
+        grad_loss = None
+    if grad_loss is None and grad_lse is None:
+        return _needed(ctx, dh, db, rest)
+    # One recomputing pass for whatever is left. The log-sum-exp's gradient rides on the loss's:
+    # lse_i = loss_i + (1 - ls) z[i, t_i] + ls / V sum_j z[i, j] for any valid t_i, so a row gets
+    # weight (its loss's upstream + its lse's) with ignored rows given target 0, and the extra
+    # terms are added in O((N + V) d).
+    acc = lse.dtype
+    weight = torch.zeros_like(lse) if grad_loss is None else _row_upstream(grad_loss.to(acc), valid, reduction)
+    pass_targets, pass_ignore = targets, ignore_index
+    if grad_lse is not None:
+        weight = weight + grad_lse.to(acc)
+        pass_targets, pass_ignore = torch.where(valid, targets, 0), -1
+    rh, rb = _cross_entropy_backward_op(weight, hidden, bases, pass_targets, lse, scale, normalize, eps, pass_ignore,
+                                        smoothing, impl, need_hidden, need_bases)
+    parts = [(rh, rb)]
+    if grad_lse is not None:
+        parts.append(_lse_target_terms_backward(grad_lse, hidden, bases, pass_targets, scale, normalize, eps,
+                                                smoothing, need_hidden, need_bases))
+    for ph, pb in parts:
+        if need_hidden:
+            dh = ph if dh is None else dh + ph
+        if need_bases:
+            db = pb if db is None else db + pb
     return _needed(ctx, dh, db, rest)
 
 
@@ -186,7 +280,9 @@ _cross_entropy_op.register_autograd(_cross_entropy_autograd, setup_context=_cros
 def _topk_op(
     hidden: Tensor, bases: Tensor, k: int, scale: float, normalize: bool, eps: float, impl: str
 ) -> tuple[Tensor, Tensor]:
-    return backends.get(impl).topk(hidden, bases, k, Similarity(scale, normalize, eps))
+    backend = backends.select(impl, "topk", hidden.device, hidden.dtype, k=k, scale=scale)
+    values, indices = backend.topk(hidden, bases, k, SimilarityOptions(scale, normalize, eps))
+    return values.to(accumulate_dtype(hidden.dtype)), indices
 
 
 @_topk_op.register_fake
@@ -200,8 +296,9 @@ def _topk_backward_op(
     grad: Tensor, hidden: Tensor, bases: Tensor, indices: Tensor, scale: float, normalize: bool, eps: float,
     impl: str, need_hidden: bool, need_bases: bool,
 ) -> tuple[Tensor, Tensor]:
-    dh, db = backends.get(impl).topk_backward(
-        grad, hidden, bases, indices, Similarity(scale, normalize, eps), need_hidden, need_bases
+    backend = backends.select(impl, "topk", hidden.device, hidden.dtype, k=indices.shape[1], scale=scale)
+    dh, db = backend.topk_backward(
+        grad, hidden, bases, indices, SimilarityOptions(scale, normalize, eps), need_hidden, need_bases
     )
     return _or_empty(dh, hidden), _or_empty(db, bases)
 
@@ -233,7 +330,8 @@ _topk_op.register_autograd(_topk_autograd, setup_context=_topk_setup)
 def _soft_assign_op(
     points: Tensor, centroids: Tensor, inv_temperature: float, normalize: bool, eps: float, impl: str
 ) -> Tensor:
-    return backends.get(impl).soft_assign(points, centroids, Similarity(inv_temperature, normalize, eps))
+    backend = backends.select(impl, "soft_assign", points.device, points.dtype, k=centroids.shape[1])
+    return backend.soft_assign(points, centroids, SimilarityOptions(inv_temperature, normalize, eps))
 
 
 @_soft_assign_op.register_fake
@@ -247,8 +345,9 @@ def _soft_assign_backward_op(
     grad: Tensor, probs: Tensor, points: Tensor, centroids: Tensor, inv_temperature: float, normalize: bool,
     eps: float, impl: str, need_points: bool, need_centroids: bool,
 ) -> tuple[Tensor, Tensor]:
-    dp, dc = backends.get(impl).soft_assign_backward(
-        grad, probs, points, centroids, Similarity(inv_temperature, normalize, eps), need_points, need_centroids
+    backend = backends.select(impl, "soft_assign", points.device, points.dtype, k=centroids.shape[1])
+    dp, dc = backend.soft_assign_backward(
+        grad, probs, points, centroids, SimilarityOptions(inv_temperature, normalize, eps), need_points, need_centroids
     )
     return _or_empty(dp, points), _or_empty(dc, centroids)
 
@@ -300,11 +399,35 @@ def similarity_logits(
     return out.reshape(*hidden.shape[:-1], bases.shape[0])
 
 
+@dataclass(frozen=True)
+class CrossEntropyCall:
+    """The checked arguments of a cross-entropy call (shared with the distributed loss)."""
+
+    scale: float
+    normalize: bool
+    eps: float
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+
+
+def check_cross_entropy_args(hidden, bases, targets, *, scale, normalize, ignore_index, reduction, label_smoothing,
+                             eps) -> CrossEntropyCall:
+    """Checks shapes, dtypes, devices and options (no host sync); raises naming the argument."""
+    check_pair(hidden, bases)
+    check_targets(targets, hidden)
+    scale, normalize, eps = _similarity_args(scale, normalize, eps)
+    return CrossEntropyCall(
+        scale, normalize, eps, check_int(ignore_index, "ignore_index"), check_reduction(reduction),
+        check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+    )
+
+
 def similarity_cross_entropy(
     hidden: Tensor, bases: Tensor, targets: Tensor, *, scale: float = 1.0, normalize: bool = True,
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-8,
-    impl: str = "auto",
-) -> Tensor:
+    impl: str = "auto", return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy of the similarity logits without ever holding the N x V logits.
 
     Equals ``F.cross_entropy(similarity_logits(hidden, bases, ...).float().view(-1, V),
@@ -312,22 +435,24 @@ def similarity_cross_entropy(
     gradients w.r.t. ``hidden`` (..., d) and ``bases`` (V, d). ``targets`` has shape
     ``hidden.shape[:-1]``. "mean" divides by the number of non-ignored targets and is 0.0 (zero
     gradients) when all are ignored. The loss is float32 (float64 for float64 inputs).
+
+    ``return_lse=True`` returns ``(loss, lse)``: ``lse`` (shape of ``targets``, float32) is each
+    row's log-sum-exp of the similarity logits, ignored rows included, and is differentiable.
     """
-    check_pair(hidden, bases)
-    check_targets(targets, hidden)
-    options = _similarity_args(scale, normalize, eps)
-    ignore_index = check_int(ignore_index, "ignore_index")
-    reduction = check_reduction(reduction)
-    label_smoothing = check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    call = check_cross_entropy_args(hidden, bases, targets, scale=scale, normalize=normalize,
+                                    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                    eps=eps)
+    return_lse = check_bool(return_lse, "return_lse")
     backend = backends.resolve(impl, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
     want = torch.is_grad_enabled()
-    loss, *_ = _cross_entropy_op(
-        flat, bases, flat_targets, *options, ignore_index, reduction, label_smoothing, backend,
-        want and hidden.requires_grad, want and bases.requires_grad,
+    loss, lse, _, _ = _cross_entropy_op(
+        flat, bases, flat_targets, call.scale, call.normalize, call.eps, call.ignore_index, call.reduction,
+        call.label_smoothing, backend, want and hidden.requires_grad, want and bases.requires_grad,
     )
-    return loss.reshape(targets.shape) if reduction == "none" else loss
+    loss = loss.reshape(targets.shape) if call.reduction == "none" else loss
+    return (loss, lse.reshape(targets.shape)) if return_lse else loss
 
 
 def similarity_topk(
@@ -372,7 +497,8 @@ def assign(
             return indices[:, 0], values[:, 0]
         if points.shape[0] == 0:  # an empty batch of problems: torch.stack needs at least one result
             shape = (0, points.shape[1])
-            return points.new_empty(shape, dtype=torch.long), points.new_empty(shape, dtype=accumulate_dtype(points.dtype))
+            scores = points.new_empty(shape, dtype=accumulate_dtype(points.dtype))
+            return points.new_empty(shape, dtype=torch.long), scores
         results = [_topk_op(p, c, 1, 1.0, normalize, eps, backend) for p, c in zip(points, centroids)]
         return torch.stack([i[:, 0] for _, i in results]), torch.stack([v[:, 0] for v, _ in results])
     batched = points.dim() == 3

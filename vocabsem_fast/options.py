@@ -1,4 +1,4 @@
-"""Option bundles that travel together through the ops and backends."""
+"""Option bundles that travel together from the public functions through the ops to a backend."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class Similarity:
+class SimilarityOptions:
     """How a score between a row and a basis is formed: ``scale * cos`` (or ``scale * dot``)."""
 
     scale: float = 1.0
@@ -17,11 +17,11 @@ class Similarity:
 
 
 @dataclass(frozen=True)
-class CrossEntropy:
-    """The loss options of ``F.cross_entropy`` that the fused loss supports."""
+class LossOptions:
+    """The options of ``F.cross_entropy`` that the fused loss supports, per row: which target is
+    ignored and how much label smoothing (the reduction over rows happens above the backends)."""
 
     ignore_index: int = -100
-    reduction: str = "mean"
     label_smoothing: float = 0.0
 
 

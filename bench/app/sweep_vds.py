@@ -18,11 +18,11 @@ from dataclasses import replace
 
 import torch
 
-from vocabsem_fast.app.semantic_clustering import FitConfig, VDSClassifier
 from vocabsem_fast.app.data import load_folder, stratified_subset
 from vocabsem_fast.app.evaluation import scores
 from vocabsem_fast.app.models import load_model
 from vocabsem_fast.app.representations import Representations
+from vocabsem_fast.app.semantic_clustering import FitConfig, VDSClassifier
 from vocabsem_fast.app.tasks import Task
 
 CONFIGS = {

@@ -21,9 +21,9 @@ import platform
 import torch
 import torch.nn.functional as F
 
-from vocabsem_fast.bases import SemanticBasis
 from vocabsem_fast.app.data import load_bbc_news
 from vocabsem_fast.app.models import load_model
+from vocabsem_fast.bases import SemanticBasis
 
 TILE = 64
 

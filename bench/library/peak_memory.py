@@ -40,6 +40,7 @@ def _main(contender: str, shape_name: str, mode: str) -> None:
     import gc
 
     import torch
+
     import workloads
 
     if mode == "hard_assign":
@@ -66,7 +67,8 @@ def _main(contender: str, shape_name: str, mode: str) -> None:
     # the gradients w.r.t. hidden and bases are outputs of fwd+bwd, not workspace
     gradient_bytes = (hidden.numel() + bases.numel()) * hidden.element_size() if mode == "fwd+bwd" else 0
     extra = (peak - baseline) * 1024
-    print(json.dumps({"extra_peak_bytes": extra, "workspace_bytes": extra - gradient_bytes, "input_bytes": input_bytes}))
+    print(json.dumps({"extra_peak_bytes": extra, "workspace_bytes": extra - gradient_bytes,
+                      "input_bytes": input_bytes}))
 
 
 if __name__ == "__main__":

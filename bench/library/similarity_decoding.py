@@ -91,7 +91,7 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"scale by calibration NLL: " + ", ".join(f"{s}: {v:.3f}" for s, v in by_scale.items()))
+    print("scale by calibration NLL: " + ", ".join(f"{s}: {v:.3f}" for s, v in by_scale.items()))
     print(f"chosen scale {best}; perplexity on {result['evaluation_tokens']} tokens: head "
           f"{result['perplexity_head']:.1f}, similarity {result['perplexity_similarity']:.1f}")
     print(f"greedy agreement {result['greedy_agreement']:.3f}, mean common prefix "

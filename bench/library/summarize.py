@@ -19,7 +19,8 @@ def table(data: dict) -> str:
     for group, by_contender in groups.items():
         ref = by_contender.get("reference")
         lines += [f"### {group}", "",
-                  "| contender | median s | x reference time | GFLOP/s | extra peak MiB | workspace MiB | reference workspace / this |",
+                  "| contender | median s | x reference time | GFLOP/s | extra peak MiB | workspace MiB "
+                  "| reference workspace / this |",
                   "|---|---|---|---|---|---|---|"]
         for name, bench in by_contender.items():
             median = bench["stats"]["median"]
@@ -29,7 +30,8 @@ def table(data: dict) -> str:
             work = extra.get("workspace_bytes", float("nan"))
             ratio_m = ref["extra_info"]["workspace_bytes"] / max(work, 1) if ref else float("nan")
             gflops = extra.get("gemm_flops", 0) / median / 1e9
-            lines.append(f"| {name} | {median:.3f} | {ratio_t:.2f} | {gflops:.1f} | {peak / 2**20:.1f} | {work / 2**20:.1f} | {ratio_m:.1f} |")
+            lines.append(f"| {name} | {median:.3f} | {ratio_t:.2f} | {gflops:.1f} | {peak / 2**20:.1f} "
+                         f"| {work / 2**20:.1f} | {ratio_m:.1f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,5 +1,5 @@
-// The strip epilogue in three passes over each row while it sits in L2: (1) column scale,
-// running max and sum; (2) exp and its sum; (3) the gradient tile.
+// The strip epilogue in three passes over each row while it sits in L2: (1) row and column
+// scales, running max and sum; (2) exp and its sum; (3) the gradient tile.
 //
 // The float32 passes are written with GCC vector extensions so that they are SIMD whatever the
 // auto-vectoriser decides: one body, instantiated for 16 lanes in an AVX-512 function, 8 lanes
@@ -77,10 +77,11 @@ VS_INLINE float hmax(V v) {
   return m;
 }
 
-// Pass 1 of one float32 row: scale by the inverse norms; max, sum and whether a NaN was seen.
+// Pass 1 of one float32 row: scale by the row factor and the columns' inverse norms; max, sum
+// and whether a NaN was seen.
 template <typename V, typename I>
-VS_INLINE void scale_max_sum(float* row, int64_t cols, const float* inv_b, float& row_max, float& row_sum,
-                             bool& has_nan) {
+VS_INLINE void scale_max_sum(float* row, int64_t cols, float row_scale, const float* inv_b, float& row_max,
+                             float& row_sum, bool& has_nan) {
   constexpr int64_t W = sizeof(V) / sizeof(float);
   V vmax = splat<V>(-std::numeric_limits<float>::infinity()), vsum = splat<V>(0.0f);
   I nan_lanes = I{};
@@ -88,7 +89,10 @@ VS_INLINE void scale_max_sum(float* row, int64_t cols, const float* inv_b, float
   for (; j + W <= cols; j += W) {
     V v = load<V>(row + j);
     if (inv_b != nullptr) {
-      v *= load<V>(inv_b + j);
+      v *= load<V>(inv_b + j) * row_scale;
+      store(row + j, v);
+    } else if (row_scale != 1.0f) {
+      v *= row_scale;
       store(row + j, v);
     }
     vmax = v > vmax ? v : vmax;
@@ -99,7 +103,7 @@ VS_INLINE void scale_max_sum(float* row, int64_t cols, const float* inv_b, float
   bool nan = false;
   for (unsigned l = 0; l < W; ++l) nan |= nan_lanes[l] != 0;
   for (; j < cols; ++j) {
-    if (inv_b != nullptr) row[j] *= inv_b[j];
+    row[j] *= row_scale * (inv_b != nullptr ? inv_b[j] : 1.0f);
     m = row[j] > m ? row[j] : m;
     s += row[j];
     nan |= row[j] != row[j];
@@ -148,6 +152,7 @@ template <typename acc_t>
 struct RowArgs {
   acc_t* row;
   int64_t cols;
+  acc_t row_scale;
   const acc_t* inv_b;
   int64_t target;
   bool valid;
@@ -162,7 +167,7 @@ template <typename V, typename I>
 VS_INLINE void epilogue_row_f32(const RowArgs<float>& a) {
   float row_max, row_sum;
   bool has_nan;
-  scale_max_sum<V, I>(a.row, a.cols, a.inv_b, row_max, row_sum, has_nan);
+  scale_max_sum<V, I>(a.row, a.cols, a.row_scale, a.inv_b, row_max, row_sum, has_nan);
   if (has_nan) row_max = std::numeric_limits<float>::quiet_NaN();
   const float picked = a.row[a.target];
   const float shift = row_max == -std::numeric_limits<float>::infinity() ? 0.0f : row_max;
@@ -206,7 +211,7 @@ void epilogue_row_f64(const RowArgs<double>& a) {
   double row_max = -std::numeric_limits<double>::infinity(), row_sum = 0;
   bool has_nan = false;
   for (int64_t j = 0; j < a.cols; ++j) {
-    if (a.inv_b != nullptr) a.row[j] *= a.inv_b[j];
+    a.row[j] *= a.row_scale * (a.inv_b != nullptr ? a.inv_b[j] : 1.0);
     row_max = a.row[j] > row_max ? a.row[j] : row_max;
     row_sum += a.row[j];
     has_nan |= a.row[j] != a.row[j];
@@ -235,7 +240,7 @@ template <typename acc_t, typename Fn>
 void run(const StripEpilogue<acc_t>& e, Fn row_fn) {
   at::parallel_for(0, e.rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      row_fn(RowArgs<acc_t>{e.scores + r * e.ld, e.cols, e.inv_b, e.targets[r], e.valid[r],
+      row_fn(RowArgs<acc_t>{e.scores + r * e.ld, e.cols, e.row_scale[r], e.inv_b, e.targets[r], e.valid[r],
                             e.weight ? e.weight + r : nullptr, e.label_smoothing, e.loss + r, e.lse + r});
     }
   });

@@ -6,11 +6,12 @@ namespace vocabsem {
 
 // Inputs/outputs of one strip, float32 or float64 (acc_t). All pointers are to R rows
 // (row stride ld) except the per-row vectors (length R) and inv_b (length V, or null when the
-// bases are not normalised).
+// bases are not normalised). The logits are scores * row_scale[r] * inv_b[c].
 template <typename acc_t>
 struct StripEpilogue {
-  acc_t* scores;             // in: raw H B^T; out: the gradient tile G' (or exp scores when no grad)
+  acc_t* scores;             // in: raw hidden . bases; out: the gradient tile G' (or exp scores when no grad)
   int64_t rows, cols, ld;
+  const acc_t* row_scale;    // per row: scale / max(|h_r|, eps) (or the scale alone)
   const acc_t* inv_b;        // 1 / max(|B_j|, eps), folded into scores and into G'
   const int64_t* targets;    // per row, already in [0, V) (ignored rows carry any valid id)
   const bool* valid;         // per row: target != ignore_index

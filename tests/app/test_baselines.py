@@ -52,7 +52,8 @@ def label_choice(task: Task, prompt: str) -> int:
 
 def test_first_token_ids_and_shared_first_tokens():
     tokenizer = word_tokenizer_fast(WORDS)
-    assert first_token_ids(tokenizer, ["yes", "no"]).tolist() == [tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
+    expected = [tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
+    assert first_token_ids(tokenizer, ["yes", "no"]).tolist() == expected
     with pytest.raises(ValueError, match="share a first token"):
         first_token_ids(tokenizer, ["yes", "yes good"])
 

@@ -8,12 +8,19 @@ import random
 
 import pytest
 import torch
+from test_baselines import WORDS, tiny_data, tiny_task
 
 from vocabsem_fast.app import cli
-from vocabsem_fast.app.evaluation import (VDS, cluster_quality, evaluate_task, knn_accuracy, make_method, parse_methods,
-                                      scores)
+from vocabsem_fast.app.evaluation import (
+    VDS,
+    cluster_quality,
+    evaluate_task,
+    knn_accuracy,
+    make_method,
+    parse_methods,
+    scores,
+)
 
-from test_baselines import WORDS, tiny_data, tiny_task
 from tiny_models import tiny_llama, word_tokenizer_fast
 
 
@@ -60,7 +67,7 @@ def test_evaluate_task_scores_every_method_and_charges_shared_representations(tm
     seen = []
     results = evaluate_task(task, specs, plot_dir=tmp_path, on_result=lambda spec, r: seen.append(spec))
     assert list(results) == specs == seen
-    for spec, r in results.items():
+    for r in results.values():
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0
         assert r["seconds"] == pytest.approx(r["fit_seconds"] + r["predict_seconds"])
         assert (r["train_size"], r["test_size"]) == (21, 9)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -60,3 +62,37 @@ def test_second_extraction_comes_from_the_cache(tmp_path, monkeypatch):
     assert torch.equal(first.last, again.last) and torch.equal(first.max, again.max)
     with pytest.raises(ForwardPass):  # other prompts are not in the cache
         extract(model, tokenizer, PROMPTS[:2], cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip-data-byte"])
+def test_a_damaged_cache_file_warns_and_is_recomputed(tmp_path, monkeypatch, damage):
+    model, tokenizer = tiny_llama(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    first = extract(model, tokenizer, PROMPTS, cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("*.safetensors")
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        raw = bytearray(b"not a safetensors file")
+    else:
+        raw[-5] ^= 0xFF  # inside the tensor data: the file still parses
+    path.write_bytes(bytes(raw))
+    calls = []
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    real = reps_module._encode_batch
+    monkeypatch.setattr(reps_module, "_encode_batch", counting)
+    with pytest.warns(UserWarning, match="cache") as record:
+        again = extract(model, tokenizer, PROMPTS, cache_dir=tmp_path, progress=False)
+    assert any(str(path) in str(w.message) for w in record)
+    assert calls  # recomputed, not read from the damaged file
+    for name in ("last", "mean", "max"):
+        torch.testing.assert_close(getattr(again, name), getattr(first, name))
+    monkeypatch.setattr(reps_module, "_encode_batch", _no_forward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file was rewritten and is clean again
+        repaired = extract(model, tokenizer, PROMPTS, cache_dir=tmp_path, progress=False)
+    assert torch.equal(repaired.last, again.last)

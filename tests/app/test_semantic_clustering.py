@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vocabsem_fast.app.semantic_clustering import FitConfig, SemanticClustering, VDSClassifier
 from vocabsem_fast.app.representations import Representations
+from vocabsem_fast.app.semantic_clustering import FitConfig, SemanticClustering, VDSClassifier
 
 
 def test_parameter_count_is_about_33_over_8_d_squared():

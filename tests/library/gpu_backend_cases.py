@@ -103,18 +103,21 @@ def test_soft_assign_and_gradients(impl, k, dtype):
 def test_gradient_filtering():
     """A threshold below every |softmax - target| keeps all tiles (exact); one above all of them skips
     every tile, so both gradients are exactly zero."""
-    backend = backends.get("triton")
-    h = make(37, 59).to(DEVICE).requires_grad_(True)
-    b = make(301, 59).to(DEVICE).requires_grad_(True)
+    from vocabsem_fast.backends.triton import TritonBackend
+    from vocabsem_fast.options import LossOptions, SimilarityOptions
+
+    h, b = make(37, 59).to(DEVICE), make(301, 59).to(DEVICE)
     targets = make_targets((37,), 301).to(DEVICE)
-    exact = torch.autograd.grad(vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl="triton"), (h, b))
-    try:
-        backend.filter_eps = 1e-30
-        kept = torch.autograd.grad(vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl="triton"), (h, b))
-        backend.filter_eps = 2.0  # |softmax - onehot| <= 1
-        skipped = torch.autograd.grad(vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl="triton"), (h, b))
-    finally:
-        backend.filter_eps = 0.0
+    sim, loss = SimilarityOptions(scale=20.0), LossOptions()
+    weight = (targets != loss.ignore_index).float()
+
+    def gradients(filter_eps):
+        backend = TritonBackend(filter_eps=filter_eps)
+        _, lse, _, _ = backend.cross_entropy(h, b, targets, sim, loss)
+        return backend.cross_entropy_backward(weight, h, b, targets, lse, sim, loss, True, True)
+
+    exact, kept, skipped = gradients(0.0), gradients(1e-30), gradients(2.0)  # |softmax - onehot| <= 1
+    assert not any(bool((g == 0).all()) for g in exact)
     for e, k in zip(exact, kept):
         assert torch.equal(e, k)
     assert all(bool((g == 0).all()) for g in skipped)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import vocabsem_fast as vf
-from helpers import BACKENDS, assert_error_bound, assert_matches, leaf, make, tiles
 from vocabsem_fast import reference as ref
-from vocabsem_fast.backends.chunked import tile_config
+from vocabsem_fast.backends.tiles import tile_config
+
+from helpers import BACKENDS, assert_error_bound, assert_matches, leaf, make, tiles
 
 FP32_TOL = 2e-5
 

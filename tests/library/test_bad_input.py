@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import vocabsem_fast as vf
+
 from helpers import BACKENDS, make
 
 N, D, V = 4, 5, 7
@@ -125,7 +126,7 @@ def test_cross_entropy_checks(impl, case):
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_out_of_range_target_with_leading_dims_and_tiny_tiles(impl):
     """The range check sees every target, not just a first chunk's (V + 5 sits in the last row)."""
-    from vocabsem_fast.backends.chunked import tile_config  # noqa: PLC0415
+    from vocabsem_fast.backends.tiles import tile_config  # noqa: PLC0415
 
     targets = torch.randint(0, V, (3, 5))
     targets[2, 4] = V + 5

@@ -1,6 +1,6 @@
 """The cuda backend's orchestration (strips, GEMMs, where the norm factors go, the gradient
 swap between the two products) checked on the CPU against the chunked algorithm, with a torch
-model of each CUDA kernel written from its contract in csrc/cuda/kernels.h.
+model of each CUDA kernel written from its contract in csrc/cuda/similarity.h.
 
 This does not run the CUDA kernels: they are checked on a GPU by bench/gpu_check.py (the generic
 operator tests, parametrised over every available backend, then include "cuda")."""
@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vocabsem_fast.options import CrossEntropy, Similarity
 from vocabsem_fast.backends import cuda as cuda_module
-from vocabsem_fast.backends.chunked import ChunkedBackend, torch_row_norms
+from vocabsem_fast.backends.chunked import TorchBackend
 from vocabsem_fast.backends.cuda import CudaBackend
+from vocabsem_fast.options import LossOptions, SimilarityOptions
 
 from helpers import assert_matches, make, make_targets
 
@@ -23,20 +23,23 @@ def _f(x, n):
 
 
 class KernelModel:
-    """The contract of each launcher in kernels.h, in torch (fp32 tiles, in-place where the
+    """The contract of each launcher in similarity.h, in torch (fp32 tiles, in-place where the
     kernel works in place)."""
+
+    cuda_max_topk = 64
+    cuda_max_soft_assign_k = 64
 
     @staticmethod
     def cuda_row_inverse_norms(x, eps):
         return 1.0 / torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(eps)
 
     @staticmethod
-    def cuda_normalization_backward(x, inv, grad, eps):
+    def cuda_normalization_backward(x, inv, grad, eps, grad_times_inv):
         xf = x.float()
         y = xf * inv[:, None]
         passes = torch.linalg.vector_norm(xf, dim=-1) >= eps
         dot = torch.where(passes, (y * grad).sum(-1), 0.0)
-        return inv[:, None] * (grad - y * dot[:, None])
+        return (1.0 if grad_times_inv else inv[:, None]) * (grad - y * dot[:, None])
 
     @staticmethod
     def _z(scores, scale, row_inv, col_inv):
@@ -47,7 +50,8 @@ class KernelModel:
         cols = torch.arange(col0, col0 + z.shape[1])
         tile_max = z.amax(1)
         new_max = torch.maximum(rmax, tile_max)
-        rsum.copy_(rsum * torch.exp(rmax - new_max) + (z - tile_max[:, None]).exp().sum(1) * torch.exp(tile_max - new_max))
+        tile_sum = (z - tile_max[:, None]).exp().sum(1)
+        rsum.copy_(rsum * torch.exp(rmax - new_max) + tile_sum * torch.exp(tile_max - new_max))
         rmax.copy_(new_max)
         tlogit += torch.where(cols[None, :] == targets[:, None], z, 0.0).sum(1)
         if smoothing > 0:
@@ -67,10 +71,6 @@ class KernelModel:
         g = g - torch.where(cols[None, :] == targets[:, None], 1.0 - smoothing, 0.0)
         g = g * weight[:, None] * scale * _f(col_mul, z.shape[1])[None, :]
         scores.copy_(torch.where(weight[:, None] == 0, 0.0, g))
-
-    @staticmethod
-    def cuda_rescale_tile(scores, row_mul, col_div):
-        scores.mul_(_f(row_mul, scores.shape[0])[:, None] / _f(col_div, scores.shape[1])[None, :])
 
     def cuda_topk_merge(self, scores, col0, scale, row_inv, col_inv, values, indices):
         z = self._z(scores, scale, row_inv, col_inv)
@@ -105,7 +105,7 @@ class KernelModel:
 @pytest.fixture
 def backends_pair(monkeypatch):
     monkeypatch.setattr(cuda_module, "STRIP_ELEMENTS", 700)  # several strips of rows
-    return CudaBackend(KernelModel()), ChunkedBackend("torch", torch_row_norms)
+    return CudaBackend(KernelModel()), TorchBackend()
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -115,19 +115,19 @@ def test_cross_entropy_orchestration(backends_pair, normalize, reduction, smooth
     fused, chunked = backends_pair
     h, b = make(37, 19, dtype=dtype), make(101, 19, dtype=dtype)
     t = make_targets((37,), 101)
-    sim, ce = Similarity(7.0 if normalize else 0.3, normalize), CrossEntropy(reduction=reduction, label_smoothing=smoothing)
-    loss, lse, dh, db = fused.cross_entropy(h, b, t, sim, ce, True, True)
+    sim, ce = SimilarityOptions(7.0 if normalize else 0.3, normalize), LossOptions(label_smoothing=smoothing)
+    valid = t != ce.ignore_index
+    weight = torch.where(valid, torch.rand(37) if reduction == "none" else torch.tensor(1.3), 0.0)
+    in_forward = reduction != "none"  # a reduced loss: the gradients from the forward pass
+    loss, lse, dh, db = fused.cross_entropy(h, b, t, sim, ce, weight if in_forward else None, True, True)
     ref_loss, ref_lse, _, _ = chunked.cross_entropy(h, b, t, sim, ce)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert_matches(loss, ref_loss, tol=tol, name="loss")
     assert_matches(lse, ref_lse, tol=tol, name="lse")
-    upstream = torch.rand(37) if reduction == "none" else torch.tensor(1.3)
-    if reduction == "none":  # gradients come from the backward pass
+    if not in_forward:  # gradients come from the backward pass
         assert dh is None and db is None
-        dh, db = fused.cross_entropy_backward(upstream, h, b, t, lse, sim, ce, True, True)
-    else:  # from the forward pass, for an upstream gradient of one
-        dh, db = dh * upstream, db * upstream
-    ref_dh, ref_db = chunked.cross_entropy_backward(upstream, h, b, t, ref_lse, sim, ce, True, True)
+        dh, db = fused.cross_entropy_backward(weight, h, b, t, lse, sim, ce, True, True)
+    ref_dh, ref_db = chunked.cross_entropy_backward(weight, h, b, t, ref_lse, sim, ce, True, True)
     assert_matches(dh.float(), ref_dh.float(), tol=tol, name="grad hidden")
     assert_matches(db.float(), ref_db.float(), tol=tol, name="grad bases")
 
@@ -136,7 +136,7 @@ def test_cross_entropy_orchestration(backends_pair, normalize, reduction, smooth
 def test_topk_orchestration(backends_pair, k):
     fused, chunked = backends_pair
     h, b = make(23, 11), make(97, 11)
-    sim = Similarity(2.0, True)
+    sim = SimilarityOptions(2.0, True)
     values, indices = fused.topk(h, b, k, sim)
     ref_values, _ = chunked.topk(h, b, k, sim)
     assert_matches(values, ref_values, tol=1e-5, name="top-k values")
@@ -147,7 +147,7 @@ def test_topk_orchestration(backends_pair, k):
 def test_soft_assign_and_centroid_sums_orchestration(backends_pair):
     fused, chunked = backends_pair
     p, c = make(2, 13, 9, requires_grad=False), make(2, 5, 9)
-    sim = Similarity(4.0, True)
+    sim = SimilarityOptions(4.0, True)
     probs = fused.soft_assign(p, c, sim)
     assert_matches(probs, chunked.soft_assign(p, c, sim), tol=1e-5, name="probs")
     g = torch.randn_like(probs)

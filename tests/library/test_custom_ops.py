@@ -11,8 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vocabsem_fast as vf
-from helpers import BACKENDS, assert_matches, leaf, make, make_targets
 from vocabsem_fast import reference as ref
+
+from helpers import BACKENDS, assert_matches, leaf, make, make_targets
 
 OPS = torch.ops.vocabsem_fast
 N, D, V, K = 6, 11, 37, 4

@@ -20,9 +20,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import vocabsem_fast as vf
-from helpers import BACKENDS, make, make_targets
 from vocabsem_fast import reference as ref
-from vocabsem_fast.backends.chunked import tile_config
+from vocabsem_fast.backends.tiles import tile_config
+
+from helpers import BACKENDS, make, make_targets
 
 N, D, V = 256, 33, 20011
 TILE = 64 * 256  # max_elements: a tile of 256 rows x 64 columns

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import vocabsem_fast as vf
+from vocabsem_fast import reference as ref
+from vocabsem_fast.backends.tiles import tile_config
+
 from helpers import (
     BACKENDS,
     assert_error_bound,
@@ -19,8 +22,6 @@ from helpers import (
     tile_shape_params,
     tiles,
 )
-from vocabsem_fast import reference as ref
-from vocabsem_fast.backends.chunked import tile_config
 
 FP32_TOL = 2e-5  # relative to max(1, max|expected|): float32 sums over d <= 130 and V <= 50257 terms
 

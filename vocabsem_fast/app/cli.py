@@ -12,13 +12,13 @@ DEMO_TRAIN, DEMO_TEST, DEMO_OPENING = 300, 200, 300
 def _lens(args: argparse.Namespace) -> int:
     from ..bases import SemanticBasis
     from .lens import format_lens_table, vocabulary_lens
-    from .models import load_model
-    from ..progress import step
+    from .models import load_model, step
 
     _quiet_transformers()
     model, tokenizer = load_model(args.model)
-    with step("semantic bases (computed once per model, then read from the cache)"):
+    with step("semantic bases (computed once per model, then read from the cache)") as bar:
         basis = SemanticBasis.from_model(model, tokenizer=tokenizer)
+        bar.update()
     rows = vocabulary_lens(model, tokenizer, basis, args.prompt, k=args.k)
     print(f"prompt: {args.prompt!r}   (last position; {len(rows) - 1} layers; similarity to semantic bases)")
     print(format_lens_table(rows))
@@ -30,7 +30,7 @@ def _evaluate(datasets, args: argparse.Namespace) -> dict:
     end; the JSON is rewritten after each method so a long run keeps what it has done."""
     import json
 
-    from .evaluation import format_analysis, format_table, evaluate_task
+    from .evaluation import evaluate_task, format_analysis, format_table
     from .models import load_model
     from .tasks import Task
 
@@ -132,7 +132,7 @@ def _add_evaluation_options(parser: argparse.ArgumentParser, *, methods: str, tr
 
 
 def _quiet_transformers() -> None:
-    """Our own one-line steps replace transformers' per-tensor progress bars and notices."""
+    """Our own one-step progress bars replace transformers' per-tensor progress bars and notices."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

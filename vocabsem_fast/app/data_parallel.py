@@ -10,8 +10,8 @@ import tempfile
 
 import torch
 
-from .semantic_clustering import SemanticClustering, VDSClassifier
 from .representations import Representations
+from .semantic_clustering import SemanticClustering, VDSClassifier
 
 
 def _worker(rank: int, nproc: int, folder: str, threads: int) -> None:

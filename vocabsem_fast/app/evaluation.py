@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .baselines import AdapterTuning, InContextLearning, KNNPrompting, RetrievalICL, majority_vote
 from ..bases import lm_head_weight
-from .semantic_clustering import FitConfig, VDSClassifier
 from ..kmeans import kmeans
 from ..ops import similarity_logits
+from .baselines import AdapterTuning, InContextLearning, KNNPrompting, RetrievalICL, majority_vote
 from .data_parallel import fit_data_parallel
+from .semantic_clustering import FitConfig, VDSClassifier
 from .tasks import Task, head_logits
 
 DEFAULT_METHODS = ("vds", "knn", "icl", "rag", "lora", "ia3")
@@ -188,7 +188,7 @@ def plot_representations(task: Task, method: VDS, path: Path, title: str) -> Pat
             ax.scatter(xy[chosen, 0], xy[chosen, 1], s=8, alpha=0.6, color=colours(c % 10), label=word)
         if stars is not None:
             sxy = ((stars - mean) @ v).numpy()
-            for c, word in enumerate(task.words):
+            for c in range(len(task.words)):
                 ax.scatter(sxy[c, 0], sxy[c, 1], marker="*", s=250, color=colours(c % 10), edgecolor="black")
         ax.set_title(name)
         ax.set_xticks([])

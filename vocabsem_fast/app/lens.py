@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..bases import SemanticBasis
-from .models import final_norm
 from ..ops import similarity_topk
+from .models import final_norm
 
 
 @dataclass

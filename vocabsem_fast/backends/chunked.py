@@ -17,50 +17,26 @@ extra memory is bounded by the tile and O(N + V) vectors, plus gradient-sized ac
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from ..options import CrossEntropy, Similarity, accumulate_dtype
-
-RowNorms = Callable[[Tensor], Tensor]
-
-
-def torch_row_norms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x, dim=-1, dtype=accumulate_dtype(x.dtype))
-
-
-@dataclass
-class TileConfig:
-    max_rows: int = 4096
-    max_elements: int = 1 << 22  # 16 MiB of float32 scores
-    min_columns: int = 16
-
-
-_TILES = TileConfig()
-
-
-@contextlib.contextmanager
-def tile_config(**overrides) -> Iterator[TileConfig]:
-    """Temporarily change the tile bounds (tests use tiny tiles to exercise many chunks)."""
-    saved = dict(_TILES.__dict__)
-    _TILES.__dict__.update(overrides)
-    try:
-        yield _TILES
-    finally:
-        _TILES.__dict__.update(saved)
+from ..options import LossOptions, SimilarityOptions, accumulate_dtype
+from .interface import FLOATING, OPS, Backend, Capabilities
+from .normalization import inverse_norms, normalization_backward
+from .tiles import current_tiles
 
 
 def row_blocks(n: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, _TILES.max_rows):
-        yield start, min(n, start + _TILES.max_rows)
+    step = current_tiles().max_rows
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
 
 
 def column_chunks(rows: int, v: int) -> Iterator[tuple[int, int]]:
-    width = max(_TILES.min_columns, _TILES.max_elements // max(rows, 1))
+    tiles = current_tiles()
+    width = max(tiles.min_columns, tiles.max_elements // max(rows, 1))
     for start in range(0, v, width):
         yield start, min(v, start + width)
 
@@ -69,44 +45,34 @@ class RowNormalizer:
     """Rows of ``x`` in the accumulation dtype, divided by ``max(||row||, eps)`` when normalising,
     produced a slice at a time, with the matching backward."""
 
-    def __init__(self, x: Tensor, sim: Similarity, row_norms: RowNorms):
+    def __init__(self, x: Tensor, sim: SimilarityOptions):
         self.x = x
+        self.eps = sim.eps
         self.acc = accumulate_dtype(x.dtype)
-        self.inv = None
-        if sim.normalize:
-            norms = row_norms(x)
-            self.inv = 1.0 / norms.clamp_min(sim.eps)
-            self.passes = norms >= sim.eps  # where the clamp is inactive the norm itself has a gradient
+        self.inv = inverse_norms(x, sim.eps) if sim.normalize else None
 
     def rows(self, start: int = 0, stop: int | None = None) -> Tensor:
         x = self.x[start:stop].to(self.acc)
         return x if self.inv is None else x * self.inv[start:stop, None]
 
-    def backward(self, grad: Tensor, normalized: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-        """Gradient w.r.t. the raw rows given the gradient w.r.t. ``normalized = rows(start, stop)``."""
+    def backward(self, grad: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Gradient w.r.t. the raw rows [start, stop) given the gradient w.r.t. their normalised form."""
         if self.inv is None:
             return grad
-        # d(x / |x|) = (g - y (y . g)) / |x|; where the eps clamp is active only g / eps remains
-        radial = torch.where(self.passes[start:stop], torch.linalg.vecdot(normalized, grad), 0.0)
-        out = torch.addcmul(grad, normalized, radial[:, None], value=-1.0)
-        return out.mul_(self.inv[start:stop, None])
+        return normalization_backward(self.x[start:stop], self.inv[start:stop], grad, self.eps,
+                                      out=grad if grad.dtype == self.acc else None)
 
 
-class ChunkedBackend:
-    """Chunked implementation of every op; ``row_norms`` is the only swappable piece (torch or C++)."""
+class TorchBackend(Backend):
+    """The chunked algorithm in plain torch: every op, any device and floating dtype. It is the
+    ``torch`` backend and the registry's fallback for whatever another backend does not cover."""
 
-    gradients_in_forward = False  # the loss gradients always come from cross_entropy_backward
-
-    def __init__(self, name: str, row_norms: RowNorms):
-        self.name = name
-        self.row_norms = row_norms
-
-    def _normalizer(self, x: Tensor, sim: Similarity) -> RowNormalizer:
-        return RowNormalizer(x, sim, self.row_norms)
+    name = "torch"
+    capabilities = Capabilities(devices=("cpu", "cuda"), dtypes=FLOATING, ops=frozenset(OPS))
 
     # --- similarity logits (materialised by definition: the output is N x V) -------------------
-    def logits(self, hidden: Tensor, bases: Tensor, sim: Similarity) -> Tensor:
-        h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
+    def logits(self, hidden, bases, sim):
+        h, b = RowNormalizer(hidden, sim), RowNormalizer(bases, sim)
         out = hidden.new_empty(hidden.shape[0], bases.shape[0])
         for r0, r1 in row_blocks(hidden.shape[0]):
             hs = h.rows(r0, r1) * sim.scale
@@ -115,47 +81,40 @@ class ChunkedBackend:
         return out
 
     def logits_backward(self, grad, hidden, bases, sim, need_hidden, need_bases):
-        h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
+        h, b = RowNormalizer(hidden, sim), RowNormalizer(bases, sim)
         acc = h.acc
         dbn = torch.zeros(bases.shape, dtype=acc, device=bases.device) if need_bases else None
         dh = torch.empty_like(hidden) if need_hidden else None
         for r0, r1 in row_blocks(hidden.shape[0]):
-            hn = h.rows(r0, r1)
-            hs = hn * sim.scale
-            dhs = torch.zeros_like(hn) if need_hidden else None
+            hs = h.rows(r0, r1) * sim.scale
+            dhs = torch.zeros_like(hs) if need_hidden else None
             for c0, c1 in column_chunks(r1 - r0, bases.shape[0]):
-                bn = b.rows(c0, c1)
                 g = grad[r0:r1, c0:c1].to(acc)
                 if need_hidden:
-                    dhs.addmm_(g, bn)
+                    dhs.addmm_(g, b.rows(c0, c1))
                 if need_bases:
                     dbn[c0:c1].addmm_(g.T, hs)
             if need_hidden:
-                dh[r0:r1] = h.backward(dhs * sim.scale, hn, r0, r1)
+                dh[r0:r1] = h.backward(dhs.mul_(sim.scale), r0, r1)
         return dh, self._bases_grad(dbn, b, bases) if need_bases else None
 
-    def _bases_grad(self, dbn: Tensor, b: RowNormalizer, bases: Tensor) -> Tensor:
-        """Apply the normalisation backward to an accumulated (V, d) gradient, chunk by chunk
-        (in place when the accumulator already has the bases' dtype: no second V x d buffer)."""
-        if dbn.dtype == bases.dtype and b.inv is None:
-            return dbn
-        out = dbn if dbn.dtype == bases.dtype else torch.empty_like(bases)
-        width = max(_TILES.min_columns, _TILES.max_elements // max(bases.shape[1], 1))
-        for c0 in range(0, bases.shape[0], width):
-            c1 = min(bases.shape[0], c0 + width)
-            out[c0:c1] = b.backward(dbn[c0:c1], b.rows(c0, c1), c0, c1)
-        return out
+    @staticmethod
+    def _bases_grad(dbn: Tensor, b: RowNormalizer, bases: Tensor) -> Tensor:
+        """The normalisation backward of an accumulated (V, d) gradient, in its buffer."""
+        if b.inv is None:
+            return dbn.to(bases.dtype)
+        return normalization_backward(bases, b.inv, dbn, b.eps, out=dbn).to(bases.dtype)
 
     # --- cross-entropy ---------------------------------------------------------------------------
-    def cross_entropy(self, hidden, bases, targets, sim: Similarity, ce: CrossEntropy,
-                      need_hidden: bool = False, need_bases: bool = False):
-        """Per-row or reduced loss and the per-row log-sum-exp. Gradients are never formed here
-        (the online log-sum-exp is final only after the last chunk): the two ``None`` tell the op
-        to run ``cross_entropy_backward``, which recomputes the tiles."""
-        h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
+    def cross_entropy(self, hidden, bases, targets, sim: SimilarityOptions, loss: LossOptions, weight=None,
+                      need_hidden=False, need_bases=False):
+        """Per-row loss and log-sum-exp from an online log-sum-exp over column chunks. Gradients
+        are never formed here (the log-sum-exp is final only after the last chunk):
+        ``cross_entropy_backward`` recomputes the tiles."""
+        h, b = RowNormalizer(hidden, sim), RowNormalizer(bases, sim)
         n, v = hidden.shape[0], bases.shape[0]
         acc = h.acc
-        valid = targets != ce.ignore_index
+        valid = targets != loss.ignore_index
         safe_targets = torch.where(valid, targets, 0)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         target_logit = torch.zeros(n, dtype=acc, device=hidden.device)
@@ -171,7 +130,7 @@ class ChunkedBackend:
                 local = (t - c0).clamp(0, c1 - c0 - 1)
                 picked = z.gather(1, local[:, None]).squeeze(1)
                 target_logit[r0:r1] += torch.where(in_chunk, picked, 0.0)
-                if ce.label_smoothing > 0:
+                if loss.label_smoothing > 0:
                     logit_sum[r0:r1] += z.sum(1)
                 new_max = torch.maximum(running_max, z.amax(dim=1))
                 # rows whose scores are all -inf so far keep a finite shift (exp(-inf - 0) = 0)
@@ -179,48 +138,50 @@ class ChunkedBackend:
                 running_sum = running_sum * torch.exp(running_max - shift) + z.sub_(shift[:, None]).exp_().sum(1)
                 running_max = new_max
             lse[r0:r1] = torch.where(running_max == float("-inf"), 0.0, running_max) + torch.log(running_sum)
-        ls = ce.label_smoothing
+        ls = loss.label_smoothing
         per_row = lse - (1.0 - ls) * target_logit
         if ls > 0:
             per_row = per_row - ls * logit_sum / v
-        return reduce_rows(torch.where(valid, per_row, 0.0), valid, ce.reduction), lse, None, None
+        return torch.where(valid, per_row, 0.0), lse, None, None
 
-    def cross_entropy_backward(self, grad, hidden, bases, targets, lse, sim, ce, need_hidden, need_bases):
-        h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
+    def cross_entropy_backward(self, row_weight, hidden, bases, targets, lse, sim, loss, need_hidden, need_bases):
+        """Gradients of ``sum_i row_weight_i * loss_i`` (``row_weight`` is 0 where the target is ignored)."""
+        h, b = RowNormalizer(hidden, sim), RowNormalizer(bases, sim)
         n, v = hidden.shape[0], bases.shape[0]
         acc = h.acc
-        valid = targets != ce.ignore_index
-        row_grad = row_upstream(grad.to(acc), valid, ce.reduction)
+        valid = targets != loss.ignore_index
         safe_targets = torch.where(valid, targets, 0)
-        ls = ce.label_smoothing
+        row_weight = row_weight.to(acc)
+        ls = loss.label_smoothing
         dbn = torch.zeros(bases.shape, dtype=acc, device=bases.device) if need_bases else None
         dh = torch.empty_like(hidden) if need_hidden else None
         for r0, r1 in row_blocks(n):
-            hn = h.rows(r0, r1)
-            hs = hn * sim.scale
+            hs = h.rows(r0, r1) * sim.scale
             t = safe_targets[r0:r1]
-            dhs = torch.zeros_like(hn) if need_hidden else None
+            # the one-hot part of each row's gradient, built in the accumulation dtype (float64 stays exact)
+            target_weight = torch.full((r1 - r0,), 1.0 - ls, dtype=acc, device=hidden.device)
+            dhs = torch.zeros_like(hs) if need_hidden else None
             for c0, c1 in column_chunks(r1 - r0, v):
                 bn = b.rows(c0, c1)
-                grad_z = (hs @ bn.T).sub_(lse[r0:r1, None]).exp_()
+                z = hs @ bn.T
+                grad_z = z.sub_(lse[r0:r1, None]).exp_()
                 if ls > 0:
                     grad_z.sub_(ls / v)
                 in_chunk = (t >= c0) & (t < c1)
                 local = (t - c0).clamp(0, c1 - c0 - 1)
-                onehot = torch.where(in_chunk, -(1.0 - ls), 0.0).to(acc)
-                grad_z.scatter_add_(1, local[:, None], onehot[:, None])
-                grad_z.mul_(row_grad[r0:r1, None])
+                grad_z.scatter_add_(1, local[:, None], torch.where(in_chunk, -target_weight, 0.0)[:, None])
+                grad_z.mul_(row_weight[r0:r1, None])
                 if need_hidden:
                     dhs.addmm_(grad_z, bn)
                 if need_bases:
                     dbn[c0:c1].addmm_(grad_z.T, hs)
             if need_hidden:
-                dh[r0:r1] = h.backward(dhs * sim.scale, hn, r0, r1)
+                dh[r0:r1] = h.backward(dhs.mul_(sim.scale), r0, r1)
         return dh, self._bases_grad(dbn, b, bases) if need_bases else None
 
     # --- top-k (and hard assignment, k = 1) ------------------------------------------------------
-    def topk(self, hidden, bases, k: int, sim: Similarity):
-        h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
+    def topk(self, hidden, bases, k: int, sim: SimilarityOptions):
+        h, b = RowNormalizer(hidden, sim), RowNormalizer(bases, sim)
         n, v = hidden.shape[0], bases.shape[0]
         values = torch.empty(n, k, dtype=h.acc, device=hidden.device)
         indices = torch.empty(n, k, dtype=torch.long, device=hidden.device)
@@ -238,12 +199,12 @@ class ChunkedBackend:
         return values, indices
 
     def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
-        h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
+        h, b = RowNormalizer(hidden, sim), RowNormalizer(bases, sim)
         acc, d, k = h.acc, hidden.shape[1], indices.shape[1]
         grad_values = grad_values.to(acc)
         dbn = torch.zeros(bases.shape, dtype=acc, device=bases.device) if need_bases else None
         dh = torch.empty_like(hidden) if need_hidden else None
-        rows_per_block = max(1, _TILES.max_elements // max(k * d, 1))
+        rows_per_block = max(1, current_tiles().max_elements // max(k * d, 1))
         for r0 in range(0, hidden.shape[0], rows_per_block):
             r1 = min(hidden.shape[0], r0 + rows_per_block)
             hn = h.rows(r0, r1)
@@ -253,18 +214,19 @@ class ChunkedBackend:
                 if b.inv is not None:
                     picked = picked * b.inv[idx.reshape(-1), None]
                 dhs = torch.einsum("nk,nkd->nd", g, picked.view(r1 - r0, k, d))
-                dh[r0:r1] = h.backward(dhs * sim.scale, hn, r0, r1)
+                dh[r0:r1] = h.backward(dhs.mul_(sim.scale), r0, r1)
             if need_bases:
                 contrib = (g[:, :, None] * (hn * sim.scale)[:, None, :]).reshape(-1, d)
                 dbn.index_add_(0, idx.reshape(-1), contrib)
         return dh, self._bases_grad(dbn, b, bases) if need_bases else None
 
     # --- soft assignment, batched (B, N, d) x (B, K, d) -----------------------------------------
-    def _batched_normalized(self, x: Tensor, sim: Similarity) -> tuple[RowNormalizer, Tensor]:
-        norm = self._normalizer(x.reshape(-1, x.shape[-1]), sim)
+    @staticmethod
+    def _batched_normalized(x: Tensor, sim: SimilarityOptions) -> tuple[RowNormalizer, Tensor]:
+        norm = RowNormalizer(x.reshape(-1, x.shape[-1]), sim)
         return norm, norm.rows().view(x.shape)
 
-    def soft_assign(self, points, centroids, sim: Similarity):
+    def soft_assign(self, points, centroids, sim):
         _, pn = self._batched_normalized(points, sim)
         _, cn = self._batched_normalized(centroids, sim)
         return torch.softmax(torch.bmm(pn, cn.transpose(1, 2)) * sim.scale, dim=-1)
@@ -277,25 +239,15 @@ class ChunkedBackend:
         dp = dc = None
         if need_points:
             dpn = torch.bmm(grad_scores, cn).reshape(-1, points.shape[-1])
-            dp = p_norm.backward(dpn, pn.reshape(-1, points.shape[-1])).view(points.shape).to(points.dtype)
+            dp = p_norm.backward(dpn).view(points.shape).to(points.dtype)
         if need_centroids:
             dcn = torch.bmm(grad_scores.transpose(1, 2), pn).reshape(-1, centroids.shape[-1])
-            dc = c_norm.backward(dcn, cn.reshape(-1, centroids.shape[-1])).view(centroids.shape).to(centroids.dtype)
+            dc = c_norm.backward(dcn).view(centroids.shape).to(centroids.dtype)
         return dp, dc
 
-
-def reduce_rows(per_row: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    """"none" keeps rows; "mean" divides by the non-ignored count (0.0 when there are none)."""
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    return total if reduction == "sum" else total / valid.sum().clamp_min(1).to(total.dtype)
-
-
-def row_upstream(grad: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    """The upstream gradient of each row's loss (zero for ignored rows)."""
-    if reduction == "none":
-        return torch.where(valid, grad, 0.0)
-    if reduction == "mean":
-        grad = grad / valid.sum().clamp_min(1).to(grad.dtype)
-    return torch.where(valid, grad.expand(valid.shape), 0.0)
+    # --- k-means update --------------------------------------------------------------------------
+    def centroid_sums(self, points, labels, clusters):
+        acc = accumulate_dtype(points.dtype)
+        sums = torch.zeros(clusters, points.shape[1], dtype=acc, device=points.device)
+        sums.index_add_(0, labels, points.to(acc))
+        return sums, torch.bincount(labels, minlength=clusters).to(acc)

@@ -1,11 +1,12 @@
-"""The ``cpu`` backend: C++ kernels of ``vocabsem_fast._C`` where they exist, the chunked
-algorithm (with C++ row norms) for the rest.
+"""The ``cpu`` backend: the C++ kernels of ``vocabsem_fast._C`` (csrc/cpu).
 
-The fused cross-entropy works on row strips against the whole vocabulary, so when the loss is
-reduced and gradients are wanted it returns them from the forward pass (three GEMMs in all);
-the autograd backward then only scales them by the upstream gradient. A forward without
-gradients runs the chunked online algorithm; "none" recomputes the strips in backward. Top-k
-(and so hard assignment) scans GEMM tiles with a running per-row top-k in C++.
+Cross-entropy runs the strip algorithm (``strips.py``) with ATen GEMMs and the C++ SIMD strip
+epilogue; a reduced loss gets its gradients from the forward pass (three GEMMs in all) and the
+autograd backward only scales them. A forward without gradients runs the chunked online
+log-sum-exp of the torch backend, whose tiles stay in cache (measured faster than a
+full-vocabulary strip: bench/results/foundation-cpu.md). Top-k (and so hard assignment) scans
+GEMM tiles with a running per-row top-k in C++. Logits, soft assignment and the k-means update
+are not fused here: the registry runs them on the torch backend.
 """
 
 from __future__ import annotations
@@ -13,50 +14,102 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..options import CrossEntropy, Similarity, accumulate_dtype
-from .chunked import _TILES, ChunkedBackend, reduce_rows, row_upstream
+from ..options import SimilarityOptions
+from .chunked import TorchBackend
+from .interface import Backend, Capabilities
+from .normalization import normalization_backward
+from .strips import strip_cross_entropy
+from .tiles import current_tiles
 
-# The C++ top-k keeps each row's best k sorted and inserts by shifting: cheap for the k of
-# decoding, lenses and hard assignment; larger k takes the chunked path (torch.topk per tile).
-MAX_FUSED_K = 64
-
-# A strip holds R x V scores for R rows; measured best near 4 chunked tiles (64 MiB of float32 at
-# the default tile) at the SmolLM2 shape: GEMMs with R in the hundreds, epilogue rows in L2.
+# A strip holds R x V scores; measured best near 4 chunked tiles (64 MiB of float32 at the
+# default tile) at the SmolLM2 shape: GEMMs with R in the hundreds, epilogue rows in L2.
 STRIP_TILES = 4
+# Half-precision bases are converted to float32 this many rows at a time inside the GEMMs.
+CONVERT_ROWS = 4096
 
 
-class CpuBackend(ChunkedBackend):
-    gradients_in_forward = True  # for reduced losses
+class CpuStripKernels:
+    """The strip algorithm's pieces on the CPU: ATen GEMMs and the C++ epilogue."""
 
     def __init__(self, ext):
-        super().__init__("cpu", ext.row_norms)
         self.ext = ext
 
-    def _fused(self, hidden, bases, targets, sim: Similarity, ce: CrossEntropy, weight: Tensor,
-               need_hidden: bool, need_bases: bool):
-        """The C++ strips: per-row loss, lse and the gradients of sum_i weight_i * loss_i."""
-        return self.ext.similarity_cross_entropy(
-            hidden, bases, targets, sim.scale, sim.normalize, sim.eps, ce.ignore_index, ce.label_smoothing,
-            weight, need_hidden, need_bases, STRIP_TILES * _TILES.max_elements,
-        )
+    def inverse_norms(self, x: Tensor, eps: float) -> Tensor:
+        return self.ext.row_norms(x).clamp_min_(eps).reciprocal_()
 
-    def cross_entropy(self, hidden, bases, targets, sim, ce, need_hidden=False, need_bases=False):
-        if ce.reduction == "none" or not (need_hidden or need_bases):
-            # No gradients now: the chunked online log-sum-exp keeps its tiles in cache, which
-            # measured faster than a full-vocabulary strip (bench/results/foundation-cpu.md).
-            return super().cross_entropy(hidden, bases, targets, sim, ce)
-        valid = targets != ce.ignore_index
-        weight = row_upstream(torch.ones((), dtype=accumulate_dtype(hidden.dtype)), valid, ce.reduction)
-        per_row, lse, dh, db = self._fused(hidden, bases, targets, sim, ce, weight, need_hidden, need_bases)
-        return (reduce_rows(per_row, valid, ce.reduction), lse,
-                dh if need_hidden else None, db if need_bases else None)
+    @staticmethod
+    def _chunks(bases: Tensor, acc: torch.dtype):
+        """(start, stop, rows in acc): the bases whole when already in acc, else converted in chunks."""
+        if bases.dtype == acc:
+            yield 0, bases.shape[0], bases
+            return
+        for c0 in range(0, bases.shape[0], CONVERT_ROWS):
+            c1 = min(bases.shape[0], c0 + CONVERT_ROWS)
+            yield c0, c1, bases[c0:c1].to(acc)
 
-    def cross_entropy_backward(self, grad, hidden, bases, targets, lse, sim, ce, need_hidden, need_bases):
-        weight = row_upstream(grad.to(lse.dtype), targets != ce.ignore_index, ce.reduction)
-        _, _, dh, db = self._fused(hidden, bases, targets, sim, ce, weight, need_hidden, need_bases)
-        return (dh if need_hidden else None), (db if need_bases else None)
+    def scores(self, rows, bases, out):
+        rows = rows.to(out.dtype)
+        for c0, c1, chunk in self._chunks(bases, out.dtype):
+            torch.mm(rows, chunk.T, out=out[:, c0:c1])
 
-    def topk(self, hidden, bases, k: int, sim: Similarity):
-        if k > MAX_FUSED_K:
-            return super().topk(hidden, bases, k, sim)
-        return tuple(self.ext.similarity_topk(hidden, bases, k, sim.scale, sim.normalize, sim.eps, _TILES.max_elements))
+    def epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing):
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        return self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, weight, smoothing)
+
+    def grad_rows(self, tile, bases, out):
+        for c0, c1, chunk in self._chunks(bases, tile.dtype):
+            if c0 == 0:
+                torch.mm(tile[:, c0:c1], chunk, out=out)
+            else:
+                out.addmm_(tile[:, c0:c1], chunk)
+
+    def add_grad_bases(self, acc, tile, rows, first):
+        if first:
+            torch.mm(tile.T, rows, out=acc)
+        else:
+            acc.addmm_(tile.T, rows)
+
+    def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
+        return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv,
+                                      out=grad if grad.dtype == x.dtype else None)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    capabilities = Capabilities(
+        devices=("cpu",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        ops=frozenset({"cross_entropy", "topk"}),
+        # the C++ top-k keeps each row's best k sorted and inserts by shifting: cheap for the k of
+        # decoding, lenses and hard assignment; a larger k runs on the torch backend
+        max_topk=64,
+        gradients_in_forward=True,
+    )
+
+    def __init__(self, ext):
+        self.ext = ext
+        self.kernels = CpuStripKernels(ext)
+        self._online = TorchBackend()  # the gradient-free forward (see the module docstring)
+
+    def _strip_elements(self) -> int:
+        return STRIP_TILES * current_tiles().max_elements
+
+    def cross_entropy(self, hidden, bases, targets, sim, loss, weight=None, need_hidden=False, need_bases=False):
+        if weight is None or not (need_hidden or need_bases):
+            return self._online.cross_entropy(hidden, bases, targets, sim, loss)
+        return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, weight, need_hidden, need_bases,
+                                   self._strip_elements())
+
+    def cross_entropy_backward(self, row_weight, hidden, bases, targets, lse, sim, loss, need_hidden, need_bases):
+        _, _, dh, db = strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, row_weight, need_hidden,
+                                           need_bases, self._strip_elements())
+        return dh, db
+
+    def topk(self, hidden, bases, k: int, sim: SimilarityOptions):
+        return tuple(self.ext.similarity_topk(hidden, bases, k, sim.scale, sim.normalize, sim.eps,
+                                              current_tiles().max_elements))
+
+    def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
+        # one gather per picked basis: the torch form is already the whole computation
+        return self._online.topk_backward(grad_values, hidden, bases, indices, sim, need_hidden, need_bases)

@@ -3,74 +3,80 @@ cross-entropy forward and backward, top-k / hard assignment and small-K soft ass
 
 Row norms are computed once per tensor here and passed to the kernels as inverse norms; the
 kernels return gradients with respect to the normalised rows and the exact gradient of the
-normalisation is applied here (O(N d + V d) work). What the kernels do not cover runs the
-chunked algorithm: float64 inputs (gradcheck), similarity logits (their output is N x V by
-definition), top-k with k > ``MAX_FUSED_K`` and soft assignment with more than
-``MAX_SOFT_ASSIGN_K`` centroids.
+normalisation is applied here (O(N d + V d) work). float64 inputs (gradcheck), similarity
+logits (their output is N x V by definition), top-k with k > ``max_topk`` and soft assignment
+with more centroids than the kernel holds are not covered: the registry runs them on the torch
+backend. The soft-assignment backward is the torch form (a (B, N, K) product of the saved probabilities).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from ..options import CrossEntropy, Similarity
-from .chunked import ChunkedBackend, reduce_rows, row_upstream, torch_row_norms
+from ..options import SimilarityOptions
+from .chunked import TorchBackend
+from .interface import Backend, Capabilities
+from .normalization import inverse_norms, normalization_backward
 
-MAX_FUSED_K = 64
 
+class TritonBackend(Backend):
+    """``filter_eps``: the backward skips a tile whose largest |softmax - target| is below it
+    (gradient filtering; 0, the default, is exact)."""
 
-class TritonBackend(ChunkedBackend):
-    # gradient filtering threshold for the backward (0: exact, every tile)
-    filter_eps: float = 0.0
+    name = "triton"
 
-    def __init__(self):
-        super().__init__("triton", torch_row_norms)
-        from ..kernels import similarity as kernels  # noqa: PLC0415  (imports triton)
+    def __init__(self, *, filter_eps: float = 0.0):
+        from ..kernels import similarity as triton_similarity  # noqa: PLC0415  (imports triton)
 
-        self.kernels = kernels
+        self.triton_similarity = triton_similarity
+        self.filter_eps = float(filter_eps)
+        self._torch = TorchBackend()
+        self.capabilities = Capabilities(
+            devices=("cuda", "cpu"),  # CPU tensors only under the Triton interpreter
+            dtypes=(torch.float32, torch.bfloat16, torch.float16),
+            ops=frozenset({"cross_entropy", "topk", "soft_assign"}),
+            max_topk=triton_similarity.MAX_TOPK,
+            max_soft_assign_k=triton_similarity.MAX_SOFT_ASSIGN_K,
+        )
 
     @staticmethod
-    def _fused(*tensors: Tensor) -> bool:
-        return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
+    def _inverse(x, sim: SimilarityOptions):
+        return inverse_norms(x, sim.eps) if sim.normalize else None
 
-    def _inverse_norms(self, x: Tensor, sim: Similarity) -> Tensor | None:
-        return self._normalizer(x, sim).inv  # None when not normalising
-
-    def cross_entropy(self, hidden, bases, targets, sim: Similarity, ce: CrossEntropy,
-                      need_hidden: bool = False, need_bases: bool = False):
-        if not self._fused(hidden, bases):
-            return super().cross_entropy(hidden, bases, targets, sim, ce, need_hidden, need_bases)
+    def cross_entropy(self, hidden, bases, targets, sim, loss, weight=None, need_hidden=False, need_bases=False):
         hidden, bases = hidden.contiguous(), bases.contiguous()
-        per_row, lse = self.kernels.cross_entropy_forward(
-            hidden, bases, targets.contiguous(), self._inverse_norms(hidden, sim), self._inverse_norms(bases, sim),
-            sim.scale, ce.ignore_index, ce.label_smoothing)
-        return reduce_rows(per_row, targets != ce.ignore_index, ce.reduction), lse, None, None
+        per_row, lse = self.triton_similarity.cross_entropy_forward(
+            hidden, bases, targets.contiguous(), self._inverse(hidden, sim), self._inverse(bases, sim),
+            sim.scale, loss.ignore_index, loss.label_smoothing)
+        return per_row, lse, None, None
 
-    def cross_entropy_backward(self, grad, hidden, bases, targets, lse, sim, ce, need_hidden, need_bases):
-        if not self._fused(hidden, bases):
-            return super().cross_entropy_backward(grad, hidden, bases, targets, lse, sim, ce, need_hidden, need_bases)
+    def cross_entropy_backward(self, row_weight, hidden, bases, targets, lse, sim, loss, need_hidden, need_bases):
         hidden, bases = hidden.contiguous(), bases.contiguous()
-        upstream = row_upstream(grad.to(torch.float32), targets != ce.ignore_index, ce.reduction)
-        h, b = self._normalizer(hidden, sim), self._normalizer(bases, sim)
-        dhn, dbn = self.kernels.cross_entropy_backward(
-            hidden, bases, targets.contiguous(), h.inv, b.inv, lse.to(torch.float32).contiguous(), upstream,
-            sim.scale, ce.ignore_index, ce.label_smoothing, need_hidden, need_bases, self.filter_eps)
-        dh = h.backward(dhn, h.rows()).to(hidden.dtype) if need_hidden else None
-        db = self._bases_grad(dbn, b, bases) if need_bases else None
+        inv_h, inv_b = self._inverse(hidden, sim), self._inverse(bases, sim)
+        dhn, dbn = self.triton_similarity.cross_entropy_backward(
+            hidden, bases, targets.contiguous(), inv_h, inv_b, lse.to(torch.float32).contiguous(),
+            row_weight.to(torch.float32).contiguous(), sim.scale, loss.ignore_index, loss.label_smoothing,
+            need_hidden, need_bases, self.filter_eps)
+        dh = db = None
+        if need_hidden:
+            dh = dhn.to(hidden.dtype) if inv_h is None else normalization_backward(hidden, inv_h, dhn, sim.eps)
+        if need_bases:
+            db = dbn.to(bases.dtype) if inv_b is None else normalization_backward(bases, inv_b, dbn, sim.eps)
         return dh, db
 
-    def topk(self, hidden, bases, k: int, sim: Similarity):
-        if k > MAX_FUSED_K or not self._fused(hidden, bases):
-            return super().topk(hidden, bases, k, sim)
+    def topk(self, hidden, bases, k: int, sim: SimilarityOptions):
         hidden, bases = hidden.contiguous(), bases.contiguous()
-        return self.kernels.topk(hidden, bases, self._inverse_norms(hidden, sim), self._inverse_norms(bases, sim),
-                                 sim.scale, k)
+        return self.triton_similarity.topk(hidden, bases, self._inverse(hidden, sim), self._inverse(bases, sim),
+                                           sim.scale, k)
 
-    def soft_assign(self, points, centroids, sim: Similarity):
-        if centroids.shape[1] > self.kernels.MAX_SOFT_ASSIGN_K or not self._fused(points, centroids):
-            return super().soft_assign(points, centroids, sim)
+    def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
+        return self._torch.topk_backward(grad_values, hidden, bases, indices, sim, need_hidden, need_bases)
+
+    def soft_assign(self, points, centroids, sim: SimilarityOptions):
         points, centroids = points.contiguous(), centroids.contiguous()
-        inv_p = self._inverse_norms(points.reshape(-1, points.shape[-1]), sim)
-        inv_c = self._inverse_norms(centroids.reshape(-1, centroids.shape[-1]), sim)
-        return self.kernels.soft_assign(points, centroids, inv_p, inv_c, sim.scale)
+        inv_p = self._inverse(points.reshape(-1, points.shape[-1]), sim)
+        inv_c = self._inverse(centroids.reshape(-1, centroids.shape[-1]), sim)
+        return self.triton_similarity.soft_assign(points, centroids, inv_p, inv_c, sim.scale)
+
+    def soft_assign_backward(self, grad, probs, points, centroids, sim, need_points, need_centroids):
+        return self._torch.soft_assign_backward(grad, probs, points, centroids, sim, need_points, need_centroids)

@@ -1,5 +1,5 @@
 // Torch-free CUDA kernels of vocabsem_fast: raw pointers, sizes and a stream. The torch glue in
-// cuda_ops.cpp (built only with a CUDA torch) checks tensors and calls these launchers; the .cu
+// bindings.cpp (built only with a CUDA torch) checks tensors and calls these launchers; the .cu
 // file compiles with nvcc alone, which is how CI checks it on machines without a GPU.
 //
 // Conventions: row-major, unit stride along the last dimension, `ld` the row stride in elements.
@@ -43,18 +43,18 @@ cudaError_t softmax_grad_tile(float* scores, int64_t rows, int64_t cols, int64_t
                               const float* weight, float smoothing, int64_t vocab, const float* col_mul,
                               cudaStream_t stream);
 
-// In place: S[r, c] *= row_mul[r] / col_div[c] (either may be null: 1).
-cudaError_t rescale_tile(float* scores, int64_t rows, int64_t cols, int64_t ld, const float* row_mul,
-                         const float* col_div, cudaStream_t stream);
-
 // Gradient through y = x * inv: dx = inv * (g - y (y . g)) where ||x|| >= eps, inv * g where the
-// eps clamp is active. x in `dtype`, g and out fp32 (out may alias g).
+// eps clamp is active. grad_times_inv: g already carries the factor inv (a gradient accumulated
+// from inverse-norm-scaled tiles), so dx = g - y (y . g) without a second one. x in `dtype`, g and
+// out fp32 (out may alias g).
 cudaError_t normalization_backward(const void* x, DType dtype, const float* inv, const float* grad, int64_t rows,
-                                   int64_t d, int64_t ld, float eps, float* out, cudaStream_t stream);
+                                   int64_t d, int64_t ld, float eps, bool grad_times_inv, float* out,
+                                   cudaStream_t stream);
 
 // Running top-k merge: for each row, the tile's entries (z as in lse_merge) that beat the row's
 // current k best enter the sorted (descending) lists values / indices (rows x k; start them at
-// -inf / -1). The tile is scratch: taken entries are overwritten. k <= 64.
+// -inf / -1). The tile is scratch: taken entries are overwritten. k <= kMaxTopK.
+constexpr int kMaxTopK = 64;
 cudaError_t topk_merge(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
                        const float* row_inv, const float* col_inv, int64_t k, float* values, int64_t* indices,
                        cudaStream_t stream);

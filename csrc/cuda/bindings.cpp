@@ -7,7 +7,7 @@
 
 #include <optional>
 
-#include "kernels.h"
+#include "similarity.h"
 
 namespace vocabsem {
 namespace {
@@ -64,7 +64,8 @@ at::Tensor row_inverse_norms(const at::Tensor& x, double eps) {
   return inv;
 }
 
-at::Tensor normalization_backward(const at::Tensor& x, const at::Tensor& inv, const at::Tensor& grad, double eps) {
+at::Tensor normalization_backward(const at::Tensor& x, const at::Tensor& inv, const at::Tensor& grad, double eps,
+                                  bool grad_times_inv) {
   check_rows(x, "x");
   check_vector(inv, "inv", at::kFloat, x.size(0));
   TORCH_CHECK(grad.is_cuda() && grad.is_contiguous() && grad.scalar_type() == at::kFloat &&
@@ -74,7 +75,7 @@ at::Tensor normalization_backward(const at::Tensor& x, const at::Tensor& inv, co
   auto out = at::empty_like(grad);
   check_cuda(cuda::normalization_backward(x.data_ptr(), input_dtype(x, "x"), inv.data_ptr<float>(),
                                           grad.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), (float)eps,
-                                          out.data_ptr<float>(), stream_of(x)),
+                                          grad_times_inv, out.data_ptr<float>(), stream_of(x)),
              "normalization_backward");
   return out;
 }
@@ -128,15 +129,6 @@ void softmax_grad_tile(at::Tensor& scores, int64_t col0, double scale, const Opt
              "softmax_grad_tile");
 }
 
-void rescale_tile(at::Tensor& scores, const OptTensor& row_mul, const OptTensor& col_div) {
-  check_scores(scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  check_cuda(cuda::rescale_tile(scores.data_ptr<float>(), scores.size(0), scores.size(1), scores.stride(0),
-                                optional_vector(row_mul, "row_mul", scores.size(0)),
-                                optional_vector(col_div, "col_div", scores.size(1)), stream_of(scores)),
-             "rescale_tile");
-}
-
 void topk_merge(at::Tensor& scores, int64_t col0, double scale, const OptTensor& row_inv, const OptTensor& col_inv,
                 at::Tensor& values, at::Tensor& indices) {
   check_scores(scores);
@@ -145,7 +137,7 @@ void topk_merge(at::Tensor& scores, int64_t col0, double scale, const OptTensor&
                   values.scalar_type() == at::kFloat,
               "values must be a contiguous float32 (rows, k) tensor");
   const int64_t k = values.size(1);
-  TORCH_CHECK(k >= 1 && k <= 64, "k must be in [1, 64] for the CUDA top-k, got ", k);
+  TORCH_CHECK(k >= 1 && k <= cuda::kMaxTopK, "k must be in [1, ", cuda::kMaxTopK, "] for the CUDA top-k, got ", k);
   TORCH_CHECK(indices.sizes() == values.sizes() && indices.is_contiguous() && indices.scalar_type() == at::kLong,
               "indices must be a contiguous int64 tensor shaped like values");
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -227,7 +219,8 @@ std::vector<at::Tensor> centroid_sums(const at::Tensor& points, const at::Tensor
 void register_cuda(pybind11::module& m) {
   using pybind11::arg;
   m.def("cuda_row_inverse_norms", &row_inverse_norms, arg("x"), arg("eps"));
-  m.def("cuda_normalization_backward", &normalization_backward, arg("x"), arg("inv"), arg("grad"), arg("eps"));
+  m.def("cuda_normalization_backward", &normalization_backward, arg("x"), arg("inv"), arg("grad"), arg("eps"),
+        arg("grad_times_inv"));
   m.def("cuda_lse_merge", &lse_merge, arg("scores"), arg("col0"), arg("scale"), arg("row_inv"), arg("col_inv"),
         arg("targets"), arg("smoothing"), arg("running_max"), arg("running_sum"), arg("target_logit"),
         arg("logit_sum"));
@@ -235,7 +228,6 @@ void register_cuda(pybind11::module& m) {
         arg("logit_sum"), arg("targets"), arg("ignore_index"), arg("smoothing"), arg("vocab"));
   m.def("cuda_softmax_grad_tile", &softmax_grad_tile, arg("scores"), arg("col0"), arg("scale"), arg("row_inv"),
         arg("col_inv"), arg("lse"), arg("targets"), arg("weight"), arg("smoothing"), arg("vocab"), arg("col_mul"));
-  m.def("cuda_rescale_tile", &rescale_tile, arg("scores"), arg("row_mul"), arg("col_div"));
   m.def("cuda_topk_merge", &topk_merge, arg("scores"), arg("col0"), arg("scale"), arg("row_inv"), arg("col_inv"),
         arg("values"), arg("indices"));
   m.def("cuda_soft_assign_forward", &soft_assign_forward, arg("points"), arg("centroids"), arg("inv_points"),
@@ -243,6 +235,8 @@ void register_cuda(pybind11::module& m) {
   m.def("cuda_soft_assign_backward", &soft_assign_backward, arg("points"), arg("centroids"), arg("inv_points"),
         arg("inv_centroids"), arg("scale"), arg("probs"), arg("grad"));
   m.def("cuda_centroid_sums", &centroid_sums, arg("points"), arg("labels"), arg("clusters"));
+  m.attr("cuda_max_topk") = cuda::kMaxTopK;
+  m.attr("cuda_max_soft_assign_k") = cuda::kMaxSoftAssignK;
 }
 
 }  // namespace vocabsem

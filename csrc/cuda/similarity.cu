@@ -1,6 +1,6 @@
 // CUDA kernels of vocabsem_fast (see kernels.h for the contract of each launcher). Torch-free:
 // compiled by nvcc alone. fp32 accumulation throughout; inputs fp32 / bf16 / fp16.
-#include "kernels.h"
+#include "similarity.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -103,7 +103,7 @@ __global__ void row_inverse_norms_kernel(const T* x, int64_t d, int64_t ld, floa
 
 template <typename T>
 __global__ void normalization_backward_kernel(const T* x, const float* inv, const float* grad, int64_t d, int64_t ld,
-                                              float eps, float* out) {
+                                              float eps, bool grad_times_inv, float* out) {
   const int64_t r = blockIdx.x;
   const T* row = x + r * ld;
   const float* g = grad + r * d;
@@ -117,9 +117,10 @@ __global__ void normalization_backward_kernel(const T* x, const float* inv, cons
   dot = block_sum(dot);
   sq = block_sum(sq);
   const bool passes = sqrtf(sq) >= eps;  // where the eps clamp is active only g / eps remains
+  const float factor = grad_times_inv ? 1.f : iv;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
     const float y = to_float(row[j]) * iv;
-    out[r * d + j] = iv * (g[j] - (passes ? y * dot : 0.f));
+    out[r * d + j] = factor * (g[j] - (passes ? y * dot : 0.f));
   }
 }
 
@@ -193,21 +194,12 @@ __global__ void softmax_grad_tile_kernel(float* scores, int64_t cols, int64_t ld
   }
 }
 
-__global__ void rescale_tile_kernel(float* scores, int64_t cols, int64_t ld, const float* row_mul,
-                                    const float* col_div) {
-  const int64_t r = blockIdx.x;
-  float* row = scores + r * ld;
-  const float m = factor(row_mul, r);
-  for (int64_t j = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; j < cols; j += (int64_t)gridDim.y * blockDim.x)
-    row[j] = row[j] * m / factor(col_div, j);
-}
-
 // --- running top-k --------------------------------------------------------------------------------
 
 __global__ void topk_merge_kernel(float* scores, int64_t cols, int64_t ld, int64_t col0, float scale,
                                   const float* row_inv, const float* col_inv, int k, float* values,
                                   int64_t* indices) {
-  __shared__ float best[64];
+  __shared__ float best[kMaxTopK];
   __shared__ int64_t best_index[64];
   const int64_t r = blockIdx.x;
   float* row = scores + r * ld;
@@ -361,9 +353,9 @@ struct LaunchRowInverseNorms {
 template <typename T>
 struct LaunchNormalizationBackward {
   static void run(const void* x, const float* inv, const float* grad, int64_t rows, int64_t d, int64_t ld, float eps,
-                  float* out, cudaStream_t stream) {
+                  bool grad_times_inv, float* out, cudaStream_t stream) {
     normalization_backward_kernel<T><<<(unsigned)rows, kThreads, 0, stream>>>(static_cast<const T*>(x), inv, grad, d,
-                                                                             ld, eps, out);
+                                                                             ld, eps, grad_times_inv, out);
   }
 };
 
@@ -409,9 +401,10 @@ cudaError_t row_inverse_norms(const void* x, DType dtype, int64_t rows, int64_t 
 }
 
 cudaError_t normalization_backward(const void* x, DType dtype, const float* inv, const float* grad, int64_t rows,
-                                   int64_t d, int64_t ld, float eps, float* out, cudaStream_t stream) {
+                                   int64_t d, int64_t ld, float eps, bool grad_times_inv, float* out,
+                                   cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  return dispatch<LaunchNormalizationBackward>(dtype, x, inv, grad, rows, d, ld, eps, out, stream);
+  return dispatch<LaunchNormalizationBackward>(dtype, x, inv, grad, rows, d, ld, eps, grad_times_inv, out, stream);
 }
 
 cudaError_t lse_merge(const float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
@@ -446,18 +439,10 @@ cudaError_t softmax_grad_tile(float* scores, int64_t rows, int64_t cols, int64_t
   return cudaGetLastError();
 }
 
-cudaError_t rescale_tile(float* scores, int64_t rows, int64_t cols, int64_t ld, const float* row_mul,
-                         const float* col_div, cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  const dim3 grid((unsigned)rows, column_blocks(cols));
-  rescale_tile_kernel<<<grid, kThreads, 0, stream>>>(scores, cols, ld, row_mul, col_div);
-  return cudaGetLastError();
-}
-
 cudaError_t topk_merge(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
                        const float* row_inv, const float* col_inv, int64_t k, float* values, int64_t* indices,
                        cudaStream_t stream) {
-  if (k < 1 || k > 64) return cudaErrorInvalidValue;
+  if (k < 1 || k > kMaxTopK) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   topk_merge_kernel<<<(unsigned)rows, 128, 0, stream>>>(scores, cols, ld, col0, scale, row_inv, col_inv, (int)k,
                                                         values, indices);

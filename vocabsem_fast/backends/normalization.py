@@ -1,0 +1,48 @@
+"""Row normalisation ``x / max(|x|, eps)`` as the backends apply it: inverse norms enter the
+kernels as scales (no normalised copy of the bases is made), and the exact gradient of the
+normalisation is applied once, to an accumulated gradient. This is the torch form, for every
+backend but cuda (which has the same two steps as CUDA kernels)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..options import accumulate_dtype
+from .tiles import current_tiles
+
+
+def row_norms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=-1, dtype=accumulate_dtype(x.dtype))
+
+
+def inverse_norms(x: Tensor, eps: float) -> Tensor:
+    """1 / max(|row|, eps), in the accumulation dtype."""
+    return row_norms(x).clamp_min_(eps).reciprocal_()
+
+
+def normalization_backward(x: Tensor, inv: Tensor, grad: Tensor, eps: float, *, grad_times_inv: bool = False,
+                           out: Tensor | None = None) -> Tensor:
+    """Gradient w.r.t. the raw rows ``x`` (N, d) of ``y = x * inv`` given ``grad`` = dL/dy.
+
+    ``(grad - y (y . grad)) * inv``; where the eps clamp is active (|x| < eps) the norm is a
+    constant and only ``grad * inv`` remains. ``grad_times_inv``: ``grad`` already carries the
+    factor ``inv`` (as the bases' gradient accumulated from inverse-norm-scaled tiles does), so
+    the result is ``grad - y (y . grad)`` without a second factor. Works a row block at a time
+    (bounded temporaries); writes into ``out`` (which may be ``grad``) or a new tensor of ``x``'s dtype.
+    """
+    out = torch.empty_like(x) if out is None else out
+    block = max(1, current_tiles().max_elements // max(x.shape[1], 1))
+    for r0 in range(0, x.shape[0], block):
+        r1 = min(x.shape[0], r0 + block)
+        xs = x[r0:r1].to(inv.dtype)
+        inv_rows = inv[r0:r1, None]
+        g = grad[r0:r1].to(inv.dtype)
+        y = xs * inv_rows
+        passes = (row_norms(x[r0:r1]) >= eps)[:, None]  # |x| >= eps: the norm itself has a gradient
+        radial = torch.where(passes, (y * g).sum(-1, keepdim=True), 0.0)
+        result = torch.addcmul(g, y, radial, value=-1.0)
+        if not grad_times_inv:
+            result.mul_(inv_rows)
+        out[r0:r1] = result
+    return out

@@ -1,0 +1,108 @@
+"""The strip algorithm of the fused cross-entropy, shared by the cpu and cuda backends.
+
+Rows are processed in strips of R rows against the whole vocabulary, three GEMMs in all:
+
+1. ``S = hidden[strip] @ bases.T`` on the raw inputs (fp32 accumulation);
+2. the device's epilogue folds in the scales (``scale / |h_r|`` per row, ``1 / |b_c|`` per
+   column), gives each row's loss and log-sum-exp and, when gradients are wanted, turns ``S`` in
+   place into the tile ``G = scale * w_r * (softmax - target) / |b_c|``;
+3. ``G @ bases`` is the gradient w.r.t. the strip's normalised hidden rows, and
+   ``G.T @ (hidden[strip] / |h|)`` accumulates ``|b|^-1`` times the gradient w.r.t. the
+   normalised bases; the normalisation backward then runs once on each accumulated gradient.
+
+Inverse norms enter as scales, so no normalised copy of the bases exists; the strip (at most
+``strip_elements`` scores, but at least d/2 rows when the bases' gradient is wanted, so a large
+head's (V, d) gradient is swept only a few times) is the only workspace beyond the gradients.
+
+What differs between devices (the GEMMs, the epilogue, the norm kernels) is a ``StripKernels``
+object; the orchestration below is the same for both.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..options import LossOptions, SimilarityOptions, accumulate_dtype
+
+
+class StripKernels(Protocol):
+    """The device-specific pieces of the strip algorithm."""
+
+    def inverse_norms(self, x: Tensor, eps: float) -> Tensor:
+        """1 / max(|row|, eps) in the accumulation dtype."""
+
+    def scores(self, rows: Tensor, bases: Tensor, out: Tensor) -> None:
+        """out (R, V) <- rows @ bases.T, accumulated in out's dtype."""
+
+    def epilogue(self, scores: Tensor, row_scale: Tensor, col_scale: Tensor | None, targets: Tensor,
+                 ignore_index: int, weight: Tensor | None, smoothing: float) -> tuple[Tensor, Tensor]:
+        """Per-row (loss, lse) of logits ``scores * row_scale[r] * col_scale[c]`` (loss 0 where
+        ignored); with ``weight``, scores <- the gradient tile, in place."""
+
+    def grad_rows(self, tile: Tensor, bases: Tensor, out: Tensor) -> None:
+        """out (R, d) <- tile @ bases."""
+
+    def add_grad_bases(self, acc: Tensor, tile: Tensor, rows: Tensor, first: bool) -> None:
+        """acc (V, d) <- tile.T @ rows (first strip) or += it."""
+
+    def normalization_backward(self, x: Tensor, inv: Tensor, grad: Tensor, eps: float,
+                               grad_times_inv: bool) -> Tensor:
+        """Gradient w.r.t. the raw rows of ``x * inv`` (see ``normalization.normalization_backward``)."""
+
+
+def strip_rows(n: int, v: int, d: int, strip_elements: int, need_bases: bool) -> int:
+    """Rows per strip: ``strip_elements`` scores, but at least d/2 rows when the bases' gradient
+    is accumulated (each strip sweeps that (V, d) gradient once)."""
+    wanted = max(strip_elements // max(v, 1), d // 2 if need_bases else 1)
+    return max(1, min(max(n, 1), wanted))
+
+
+def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, targets: Tensor,
+                        sim: SimilarityOptions, loss: LossOptions, weight: Tensor | None, need_hidden: bool,
+                        need_bases: bool, strip_elements: int):
+    """Per-row loss and lse and, with ``weight`` (N,), the gradients of ``sum_i weight_i * loss_i``
+    w.r.t. ``hidden`` (N, d) and ``bases`` (V, d) (None where not asked for)."""
+    acc = accumulate_dtype(hidden.dtype)
+    n, d, v = hidden.shape[0], hidden.shape[1], bases.shape[0]
+    need_grad = weight is not None and (need_hidden or need_bases)
+    need_hidden, need_bases = need_grad and need_hidden, need_grad and need_bases
+    f = dict(dtype=acc, device=hidden.device)
+    inv_h = kernels.inverse_norms(hidden, sim.eps) if sim.normalize else None
+    inv_b = kernels.inverse_norms(bases, sim.eps) if sim.normalize else None
+    row_scale = inv_h * sim.scale if inv_h is not None else torch.full((n,), sim.scale, **f)
+    tile_weight = weight.to(acc) * sim.scale if need_grad else None  # the scale of d z / d(normalised rows)
+
+    per_row, lse = torch.empty(n, **f), torch.empty(n, **f)
+    grad_h = torch.empty(n, d, **f) if need_hidden else None
+    grad_b = torch.empty(v, d, **f) if need_bases else None  # the first strip writes, the others add
+    rows_per_strip = strip_rows(n, v, d, strip_elements, need_bases)
+    buffer = torch.empty(rows_per_strip, v, **f)
+    for r0 in range(0, n, rows_per_strip):
+        r1 = min(n, r0 + rows_per_strip)
+        tile = buffer[: r1 - r0]
+        kernels.scores(hidden[r0:r1], bases, tile)
+        per_row[r0:r1], lse[r0:r1] = kernels.epilogue(
+            tile, row_scale[r0:r1], inv_b, targets[r0:r1], loss.ignore_index,
+            tile_weight[r0:r1] if need_grad else None, loss.label_smoothing)
+        if need_hidden:
+            kernels.grad_rows(tile, bases, grad_h[r0:r1])
+        if need_bases:
+            rows = hidden[r0:r1].to(acc)
+            if inv_h is not None:
+                rows = rows * inv_h[r0:r1, None]
+            kernels.add_grad_bases(grad_b, tile, rows, first=r0 == 0)
+    del buffer
+    if need_bases and n == 0:
+        grad_b.zero_()  # no strip ran: the gradient is zero
+
+    dh = db = None
+    if need_hidden:
+        dh = (kernels.normalization_backward(hidden, inv_h, grad_h, sim.eps, False) if inv_h is not None
+              else grad_h.to(hidden.dtype))
+    if need_bases:
+        db = (kernels.normalization_backward(bases, inv_b, grad_b, sim.eps, True) if inv_b is not None
+              else grad_b.to(bases.dtype))
+    return per_row, lse, dh, db
