@@ -102,31 +102,44 @@ class SemanticBasis:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
         return self.tokenizer
 
-    def token_ids(self, words: Sequence[str], *, prefix_space: bool = True) -> Tensor:
-        """Vocabulary id of each word: the token of ``" " + word`` (its last token if it splits).
+    def token_ids(self, words: Sequence[str], *, prefix_space: bool = True, which: str = "last") -> Tensor:
+        """Vocabulary id of each word: a token of ``" " + word`` (see ``word_token_ids``; the
+        last token of a word that splits, whose basis stands for the word; ``which="first"`` gives
+        the token an LM emits first, what next-token scoring compares)."""
+        return word_token_ids(self._tokenizer(), words, prefix_space=prefix_space, which=which, vocab=len(self))
 
-        ``prefix_space=False`` encodes the words as given.
-        """
-        if isinstance(words, str):
-            raise TypeError("words must be a sequence of strings, not one string")
-        tokenizer = self._tokenizer()
-        ids = []
-        for word in words:
-            if not isinstance(word, str) or not word:
-                raise ValueError(f"words must be non-empty strings, got {word!r}")
-            text = " " + word if prefix_space and not word[0].isspace() else word
-            encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not encoded:
-                raise ValueError(f"word {word!r} encodes to no token")
-            if encoded[-1] >= len(self):
-                raise ValueError(f"word {word!r} maps to token {encoded[-1]}, outside the head's V={len(self)}")
-            ids.append(encoded[-1])
-        return torch.tensor(ids, dtype=torch.long)
-
-    def for_words(self, words: Sequence[str], *, prefix_space: bool = True) -> Tensor:
+    def for_words(self, words: Sequence[str], *, prefix_space: bool = True, which: str = "last") -> Tensor:
         """(len(words), d) bases of the words' tokens."""
-        return self.vectors[self.token_ids(words, prefix_space=prefix_space)]
+        return self.vectors[self.token_ids(words, prefix_space=prefix_space, which=which)]
 
     def to(self, *args, **kwargs) -> SemanticBasis:
         return SemanticBasis(self.vectors.to(*args, **kwargs), tokenizer=self.tokenizer,
                              head_sha256=self.head_sha256, model_name=self.model_name)
+
+
+WHICH_TOKEN = ("last", "first")
+
+
+def word_token_ids(tokenizer, words: Sequence[str], *, prefix_space: bool = True, which: str = "last",
+                   vocab: int | None = None) -> Tensor:
+    """One vocabulary id per word: a token of ``" " + word`` (``prefix_space=False``: the word as
+    given). A word that splits into several tokens is represented by its ``which`` token: "last"
+    (the label basis of vocabulary-defined semantics) or "first" (the token a model must emit
+    next to start the word, what next-token scoring compares)."""
+    if isinstance(words, str):
+        raise TypeError("words must be a sequence of strings, not one string")
+    if which not in WHICH_TOKEN:
+        raise ValueError(f"which must be one of {WHICH_TOKEN}, got {which!r}")
+    ids = []
+    for word in words:
+        if not isinstance(word, str) or not word:
+            raise ValueError(f"words must be non-empty strings, got {word!r}")
+        text = " " + word if prefix_space and not word[0].isspace() else word
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not encoded:
+            raise ValueError(f"word {word!r} encodes to no token")
+        token = encoded[-1] if which == "last" else encoded[0]
+        if vocab is not None and token >= vocab:
+            raise ValueError(f"word {word!r} maps to token {token}, outside the head's V={vocab}")
+        ids.append(token)
+    return torch.tensor(ids, dtype=torch.long)

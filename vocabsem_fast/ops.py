@@ -238,20 +238,19 @@ def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
     rest = ctx.n_inputs - 2  # inputs after hidden and bases: never differentiable
     if grad_loss is None and grad_lse is None:  # neither output was used: nothing flows back
         return (None,) * ctx.n_inputs
-    valid = targets != ignore_index
-    dh = db = None
-    if grad_loss is not None and (early is not None or saved):  # a reduced loss: the upstream gradient is a scalar
+    if grad_lse is None and (early is not None or saved):  # a reduced loss: the upstream gradient is a scalar
         if early is not None:
             dh, db = (g.mul_(grad_loss.to(g.dtype)) for g in early)
         else:
             dh, db = (g * grad_loss.to(g.dtype) for g in saved)
-        grad_loss = None
-    if grad_loss is None and grad_lse is None:
         return _needed(ctx, dh, db, rest)
-    # One recomputing pass for whatever is left. The log-sum-exp's gradient rides on the loss's:
+    # One recomputing pass (also when the log-sum-exp is used and the loss's gradients came from
+    # the forward pass: every backward of the graph then takes the same path, so a second one
+    # under retain_graph gives the same bits). The log-sum-exp's gradient rides on the loss's:
     # lse_i = loss_i + (1 - ls) z[i, t_i] + ls / V sum_j z[i, j] for any valid t_i, so a row gets
     # weight (its loss's upstream + its lse's) with ignored rows given target 0, and the extra
     # terms are added in O((N + V) d).
+    valid = targets != ignore_index
     acc = lse.dtype
     weight = torch.zeros_like(lse) if grad_loss is None else _row_upstream(grad_loss.to(acc), valid, reduction)
     pass_targets, pass_ignore = targets, ignore_index
@@ -260,15 +259,12 @@ def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
         pass_targets, pass_ignore = torch.where(valid, targets, 0), -1
     rh, rb = _cross_entropy_backward_op(weight, hidden, bases, pass_targets, lse, scale, normalize, eps, pass_ignore,
                                         smoothing, impl, need_hidden, need_bases)
-    parts = [(rh, rb)]
+    dh, db = (rh if need_hidden else None), (rb if need_bases else None)
     if grad_lse is not None:
-        parts.append(_lse_target_terms_backward(grad_lse, hidden, bases, pass_targets, scale, normalize, eps,
-                                                smoothing, need_hidden, need_bases))
-    for ph, pb in parts:
-        if need_hidden:
-            dh = ph if dh is None else dh + ph
-        if need_bases:
-            db = pb if db is None else db + pb
+        th, tb = _lse_target_terms_backward(grad_lse, hidden, bases, pass_targets, scale, normalize, eps, smoothing,
+                                            need_hidden, need_bases)
+        dh = dh + th if need_hidden else None
+        db = db + tb if need_bases else None
     return _needed(ctx, dh, db, rest)
 
 

@@ -152,6 +152,21 @@ def test_token_ids_take_the_spaced_word_and_its_last_token(tmp_path):
         basis.token_ids("good")
     with pytest.raises(ValueError, match="words"):
         basis.token_ids([""])
+    with pytest.raises(ValueError, match="which"):
+        basis.token_ids(["good"], which="middle")
+
+
+def test_token_ids_first_or_last_token_of_a_split_word(tmp_path):
+    """A word that splits: its last token by default (the label basis), its first on request
+    (what next-token scoring compares); one-token words are the same either way."""
+    model = tiny_llama(vocab=89)
+    tokenizer = WordTokenizer(["good"], vocab_size=89)
+    basis = vs.SemanticBasis.from_model(model, cache_dir=tmp_path, tokenizer=tokenizer)
+    pieces = tokenizer(" xyz")["input_ids"]
+    assert len(pieces) == 3 and pieces[0] != pieces[-1]
+    assert basis.token_ids(["good", "xyz"]).tolist() == [1, pieces[-1]]
+    assert basis.token_ids(["good", "xyz"], which="first").tolist() == [1, pieces[0]]
+    torch.testing.assert_close(basis.for_words(["xyz"], which="first"), basis.vectors[[pieces[0]]])
 
 
 def test_token_ids_without_a_tokenizer_says_so(tmp_path):

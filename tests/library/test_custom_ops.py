@@ -228,6 +228,25 @@ def test_compile_cross_entropy(impl, backend, compile_clean):
                        2.0 * ref.similarity_cross_entropy(hidden2, bases.detach(), targets2, scale=8.0,
                                                           label_smoothing=0.1) + 1.0, tol=2e-5, name=f"batch {lead}")
 
+@pytest.mark.parametrize("impl", ["auto", *BACKENDS])
+def test_compile_cross_entropy_with_lse(impl, compile_clean):
+    """The log-sum-exp output and its gradient under torch.compile(fullgraph=True): one graph."""
+    def loss_fn(hidden, bases, targets):
+        loss, lse = vf.similarity_cross_entropy(hidden, bases, targets, scale=8.0, impl=impl, return_lse=True)
+        return loss + 1e-2 * lse.square().mean()  # a z-loss
+
+    hidden, bases = make(3, 5, D, requires_grad=True), make(V, D, requires_grad=True)
+    targets = make_targets((3, 5), V)
+    out = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(hidden, bases, targets)
+    out.backward()
+    eh, eb = leaf(hidden), leaf(bases)
+    eager = loss_fn(eh, eb, targets)
+    eager.backward()
+    assert_matches(out, eager, tol=1e-6, name="compiled vs eager")
+    assert_matches(hidden.grad, eh.grad, tol=1e-6, name="compiled vs eager hidden.grad")
+    assert_matches(bases.grad, eb.grad, tol=1e-6, name="compiled vs eager bases.grad")
+
+
 
 @pytest.mark.parametrize("impl", ["auto", *BACKENDS])
 def test_compile_topk(impl, compile_clean):

@@ -12,23 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bases import SemanticBasis
+from ..bases import SemanticBasis, word_token_ids
 from .data import ClassificationData, Example
 from .representations import Representations, extract
 
 
 def first_token_ids(tokenizer, words: list[str]) -> Tensor:
     """The first token of ``" " + word`` for each word: the token an LM must emit next to start
-    that word after a prompt (what next-token scoring compares)."""
-    ids = []
-    for word in words:
-        encoded = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        if not encoded:
-            raise ValueError(f"label word {word!r} encodes to no token")
-        ids.append(encoded[0])
-    if len(set(ids)) != len(ids):
+    that word after a prompt (what next-token scoring compares), distinct for every word."""
+    ids = word_token_ids(tokenizer, words, which="first")
+    if len(set(ids.tolist())) != len(ids):
         raise ValueError(f"label words {words} share a first token: next-token scoring cannot tell them apart")
-    return torch.tensor(ids, dtype=torch.long)
+    return ids
 
 
 def context_limit(model, cap: int) -> int:
