@@ -32,17 +32,18 @@ def normalization_backward(x: Tensor, inv: Tensor, grad: Tensor, eps: float, *, 
     (bounded temporaries); writes into ``out`` (which may be ``grad``) or a new tensor of ``x``'s dtype.
     """
     out = torch.empty_like(x) if out is None else out
-    block = max(1, current_tiles().max_elements // max(x.shape[1], 1))
+    in_place = out.data_ptr() == grad.data_ptr() and out.dtype == inv.dtype
+    block = max(1, current_tiles().max_elements // 4 // max(x.shape[1], 1))  # 4 MiB temporaries at the default
     for r0 in range(0, x.shape[0], block):
         r1 = min(x.shape[0], r0 + block)
-        xs = x[r0:r1].to(inv.dtype)
         inv_rows = inv[r0:r1, None]
-        g = grad[r0:r1].to(inv.dtype)
-        y = xs * inv_rows
-        passes = (row_norms(x[r0:r1]) >= eps)[:, None]  # |x| >= eps: the norm itself has a gradient
-        radial = torch.where(passes, (y * g).sum(-1, keepdim=True), 0.0)
-        result = torch.addcmul(g, y, radial, value=-1.0)
+        y = x[r0:r1].to(inv.dtype).mul_(inv_rows) if x.dtype != inv.dtype else x[r0:r1] * inv_rows
+        g = grad[r0:r1] if in_place else grad[r0:r1].to(inv.dtype, copy=True)
+        passes = row_norms(x[r0:r1]) >= eps  # |x| >= eps: the norm itself has a gradient
+        radial = torch.where(passes, torch.linalg.vecdot(y, g), 0.0)
+        g.addcmul_(y, radial[:, None], value=-1.0)
         if not grad_times_inv:
-            result.mul_(inv_rows)
-        out[r0:r1] = result
+            g.mul_(inv_rows)
+        if not in_place:
+            out[r0:r1] = g
     return out
