@@ -32,7 +32,7 @@ def normalization_backward(x: Tensor, inv: Tensor, grad: Tensor, eps: float, *, 
     (bounded temporaries); writes into ``out`` (which may be ``grad``) or a new tensor of ``x``'s dtype.
     """
     out = torch.empty_like(x) if out is None else out
-    in_place = out.data_ptr() == grad.data_ptr() and out.dtype == inv.dtype
+    in_place = out is grad and out.dtype == inv.dtype
     block = max(1, current_tiles().max_elements // 4 // max(x.shape[1], 1))  # 4 MiB temporaries at the default
     for r0 in range(0, x.shape[0], block):
         r1 = min(x.shape[0], r0 + block)
