@@ -1,22 +1,28 @@
 """Triton kernels for similarity logits against a vocabulary of bases, fused so that no N x V
-tile ever leaves registers and shared memory.
+tile ever leaves registers and shared memory (the strip epilogue excepted, see below).
 
 Scores are ``scale * (h . b) * inv_h * inv_b``: the inverse row norms (computed once per tensor
 by the caller) enter as a rank-1 scale in the epilogue, so neither a normalised copy of the
-hidden states nor of the bases exists. Gradients are returned with respect to the *normalised*
-rows; the caller applies the exact gradient of the normalisation (O(N d + V d)).
+hidden states nor of the bases exists.
 
-* ``cross_entropy_forward``: one program per block of rows walks V in blocks with an online
-  log-sum-exp, gathering the target logit (and the logit sum, for label smoothing) on the way.
-* ``cross_entropy_backward``: one program per (row block, V block) tile recomputes the scores,
-  forms ``upstream * (softmax - (1 - ls) onehot - ls / V)`` and adds its two products into fp32
-  gradient buffers with atomics. Tiles whose largest |softmax - target| is below ``filter_eps``
-  may be skipped (off by default: exact).
-* ``topk``: one program per block of rows keeps a running top-k across V blocks.
+* ``cross_entropy_forward``: programs over (row block, vocabulary split): each walks its share
+  of V in blocks with an online log-sum-exp, gathering the target logit (and the logit sum, for
+  label smoothing); the splits' partial results merge exactly (max, rescaled sum). Splitting V
+  keeps a whole GPU busy when there are few rows (decoding, scoring).
+* ``topk``: the same grid, a running top-k per row and split; the splits' k best merge.
+* ``strip_epilogue``: the cross-entropy gradients run the strip algorithm of the package
+  (``vocabsem_fast.backends.strips``: three cuBLAS GEMMs on row strips) with this kernel in
+  between: one program per strip row turns raw scores into loss, log-sum-exp and the gradient
+  tile in place. It replaces a fused backward whose tiles added their products into the fp32
+  gradients with atomics: V / BLOCK_V atomic adds per hidden-gradient element (2004 at
+  V = 128256), unfiltered at similarity logits (0.1% of tiles skippable, measured).
 * ``soft_assign``: batched softmax over K centroids for blocks of points, K in one tile.
 
-Offsets are int64, so N x V and V x d may pass 2^31. Under ``TRITON_INTERPRET=1`` (CPU tests)
-every dot runs in fp32: the interpreter computes bf16 dots on raw bit patterns.
+Every launch geometry is a plain function (``*_grid``) of the sizes and the GPU's SM count, and
+every compiled variant (kernel, signature, constexprs, launch options) is listed by
+``variants()`` in ``vocabsem_fast.kernels.variants``. Offsets are int64, so N x V and V x d may
+pass 2^31. Under ``TRITON_INTERPRET=1`` (CPU tests) every dot runs in fp32: the interpreter
+computes bf16 dots on raw bit patterns.
 """
 
 from __future__ import annotations
@@ -29,11 +35,16 @@ import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# One pinned configuration per kernel (autotuning is opt-in, see ``autotuned``).
+# One pinned configuration per kernel and row regime: few rows (decoding) take 16-row blocks,
+# the smallest a tensor-core dot takes.
 FORWARD = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3)
-BACKWARD = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2)
+FORWARD_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3)
 TOPK = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2)
+TOPK_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2)
+EPILOGUE = dict(BLOCK_V=1024, num_warps=4, num_stages=1)
 ASSIGN = dict(BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=2)
+FEW_ROWS = 16  # at most this many rows: the *_FEW_ROWS configurations
+H200_SMS = 132  # the SM count assumed where no GPU is asked (the interpreter, ahead-of-time checks)
 
 
 @triton.jit
@@ -76,21 +87,26 @@ def _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_ma
 
 
 @triton.jit
-def _ce_forward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, loss_ptr, lse_ptr,
-                       N, V, D, stride_h, stride_b, scale, ignore_index, smoothing,
+def _ce_forward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, part_ptr,
+                       N, V, D, stride_h, stride_b, scale, split_cols,
                        NORMALIZE: tl.constexpr, SMOOTH: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial online log-sum-exp of rows [BLOCK_N block] over vocabulary split program_id(1):
+    part (4, splits, N) <- running max, rescaled sum, target logit, logit sum."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_mask = rows < N
-    target = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
+    v_start = split * split_cols
+    v_end = tl.minimum(V, v_start + split_cols)
+    target = tl.load(t_ptr + rows, mask=row_mask, other=-1)
     running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_N,), tl.float32)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
+        col_mask = cols < v_end
         z = _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
                         scale, NORMALIZE, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
@@ -98,89 +114,37 @@ def _ce_forward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, loss_ptr, lse_
             logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         running_max = new_max
-    lse = running_max + tl.log(running_sum)
-    loss = lse - (1.0 - smoothing) * target_logit
-    if SMOOTH:
-        loss -= smoothing * logit_sum / V
-    loss = tl.where(target == ignore_index, 0.0, loss)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
-
-
-@triton.jit
-def _ce_backward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, lse_ptr, w_ptr, dh_ptr, db_ptr,
-                        N, V, D, stride_h, stride_b, scale, ignore_index, smoothing, filter_eps,
-                        NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                        NEED_H: tl.constexpr,
-                        NEED_B: tl.constexpr, FILTER: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
-    target = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    upstream = tl.load(w_ptr + rows, mask=row_mask, other=0.0)  # zero for ignored rows
-    z = _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
-                    scale, NORMALIZE, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
-    g = tl.exp(z - lse[:, None]) - smoothing / V
-    g -= tl.where(cols[None, :] == target[:, None], 1.0 - smoothing, 0.0)
-    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
-    # gradient filtering (as CCE does): skip the products of a tile whose every
-    # |softmax - target| is below filter_eps, before the upstream scale
-    d_end = D
-    if FILTER:
-        if tl.max(tl.abs(g)) < filter_eps:
-            d_end = 0
-    g = g * (upstream * scale)[:, None]
-    # d(score)/d(normalised h) = scale * normalised b: fold each side's inverse norm into g
-    if NORMALIZE:
-        ih = tl.load(inv_h_ptr + rows, mask=row_mask, other=0.0)
-        ib = tl.load(inv_b_ptr + cols, mask=col_mask, other=0.0)
-        g_h = g * ib[None, :]
-        g_b = g * ih[:, None]
-    else:
-        g_h = g
-        g_b = g
-    row_off = rows.to(tl.int64)[:, None] * stride_h
-    col_off = cols.to(tl.int64)[:, None] * stride_b
-    out_row = rows.to(tl.int64)[:, None] * D
-    out_col = cols.to(tl.int64)[:, None] * D
-    for d0 in range(0, d_end, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dd < D
-        if NEED_H:
-            b = tl.load(b_ptr + col_off + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            if UPCAST:
-                part = tl.dot(g_h, b.to(tl.float32), input_precision=PRECISION)
-            else:
-                part = tl.dot(g_h.to(b.dtype), b)
-            tl.atomic_add(dh_ptr + out_row + dd[None, :], part, mask=row_mask[:, None] & d_mask[None, :])
-        if NEED_B:
-            h = tl.load(h_ptr + row_off + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            if UPCAST:
-                part = tl.dot(tl.trans(g_b), h.to(tl.float32), input_precision=PRECISION)
-            else:
-                part = tl.dot(tl.trans(g_b.to(h.dtype)), h)
-            tl.atomic_add(db_ptr + out_col + dd[None, :], part, mask=col_mask[:, None] & d_mask[None, :])
+    out = split.to(tl.int64) * N + rows
+    plane = tl.num_programs(1).to(tl.int64) * N
+    tl.store(part_ptr + out, running_max, mask=row_mask)
+    tl.store(part_ptr + plane + out, running_sum, mask=row_mask)
+    tl.store(part_ptr + 2 * plane + out, target_logit, mask=row_mask)
+    tl.store(part_ptr + 3 * plane + out, logit_sum, mask=row_mask)
 
 
 @triton.jit
 def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, stride_h, stride_b, scale,
+                 split_cols,
                  K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The best K of rows [BLOCK_N block] within vocabulary split program_id(1), unordered:
+    val / idx (splits, N, K); slots beyond the split's columns hold -inf / -1."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_mask = rows < N
+    v_start = split * split_cols
+    v_end = tl.minimum(V, v_start + split_cols)
     slots = tl.arange(0, K_PAD)
     # the running best K of each row; padding slots hold +inf so they are never the minimum
     best = tl.where(slots[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, K_PAD), tl.float32)
     best_idx = tl.zeros((BLOCK_N, K_PAD), tl.int64) - 1
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
+        col_mask = cols < v_end
         z = _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
                         scale, NORMALIZE, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
         z = tl.where(col_mask[None, :], z, float("-inf"))
@@ -196,10 +160,63 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
             best = tl.where(replace, top[:, None], best)
             best_idx = tl.where(replace, top_col.to(tl.int64)[:, None], best_idx)
             z = tl.where(cols[None, :] == top_col[:, None], float("-inf"), z)
-    out = rows.to(tl.int64)[:, None] * K + slots[None, :]
+    out = (split.to(tl.int64) * N + rows.to(tl.int64))[:, None] * K + slots[None, :]
     mask = row_mask[:, None] & (slots[None, :] < K)
     tl.store(val_ptr + out, best, mask=mask)
     tl.store(idx_ptr + out, best_idx, mask=mask)
+
+
+@triton.jit
+def _strip_epilogue_kernel(s_ptr, ld, row_scale_ptr, col_scale_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr,
+                           V, ignore_index, smoothing,
+                           COL_SCALE: tl.constexpr, SMOOTH: tl.constexpr, GRAD: tl.constexpr,
+                           BLOCK_V: tl.constexpr):
+    """One row of an fp32 strip of raw scores: logits ``s * row_scale * col_scale``; loss and
+    log-sum-exp; with GRAD, the row becomes ``w * (softmax - (1 - ls) onehot - ls / V) * col_scale``."""
+    row = tl.program_id(0)
+    base = s_ptr + row.to(tl.int64) * ld
+    rs = tl.load(row_scale_ptr + row)
+    target = tl.load(t_ptr + row)
+    lane_max = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    lane_sum = tl.zeros((BLOCK_V,), tl.float32)
+    lane_target = tl.zeros((BLOCK_V,), tl.float32)
+    lane_logits = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(base + cols, mask=mask, other=0.0) * rs
+        if COL_SCALE:
+            z = z * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        lane_target += tl.where(cols == target, z, 0.0)
+        if SMOOTH:
+            lane_logits += tl.where(mask, z, 0.0)
+        z = tl.where(mask, z, float("-inf"))
+        new_max = tl.maximum(lane_max, z)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(z - shift)
+        lane_max = new_max
+    row_max = tl.max(lane_max, axis=0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    lse = shift + tl.log(tl.sum(lane_sum * tl.exp(lane_max - shift), axis=0))
+    loss = lse - (1.0 - smoothing) * tl.sum(lane_target, axis=0)
+    if SMOOTH:
+        loss -= smoothing * tl.sum(lane_logits, axis=0) / V
+    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, tl.where(target == ignore_index, 0.0, loss))
+    if GRAD:
+        w = tl.load(w_ptr + row)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            z = tl.load(base + cols, mask=mask, other=0.0) * rs
+            col_scale = 1.0
+            if COL_SCALE:
+                col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+                z = z * col_scale
+            g = tl.exp(z - lse) - smoothing / V
+            g -= tl.where(cols == target, 1.0 - smoothing, 0.0)
+            g = tl.where(w == 0.0, 0.0, g * w * col_scale)  # a zero weight (ignored row) gives zeros, NaN or not
+            tl.store(base + cols, g, mask=mask)
 
 
 @triton.jit
@@ -223,6 +240,44 @@ def _soft_assign_kernel(p_ptr, c_ptr, inv_p_ptr, inv_c_ptr, out_ptr, N, K, D, sc
     tl.store(out, probs, mask=row_mask[:, None] & col_mask[None, :])
 
 
+# --- geometry: plain functions of the sizes, checked on the CPU -----------------------------------
+
+def forward_config(n: int) -> dict:
+    return FORWARD_FEW_ROWS if n <= FEW_ROWS else FORWARD
+
+
+def topk_config(n: int) -> dict:
+    return TOPK_FEW_ROWS if n <= FEW_ROWS else TOPK
+
+
+def split_grid(n: int, v: int, block_n: int, block_v: int, sms: int) -> tuple[tuple[int, int], int]:
+    """((row blocks, vocabulary splits), columns per split) for a kernel over (row block, split).
+
+    Splits are added until there are at least ``sms`` programs (one per SM), each split a whole
+    number of BLOCK_V columns; a split never holds less than one block. With many rows (training
+    shapes) one split per row block already fills the GPU."""
+    row_blocks = max(1, triton.cdiv(n, block_n))
+    v_blocks = max(1, triton.cdiv(v, block_v))
+    wanted = min(v_blocks, max(1, triton.cdiv(sms, row_blocks)))
+    split_cols = max(1, v_blocks // wanted) * block_v  # floor: at least ``wanted`` splits
+    return (row_blocks, triton.cdiv(v, split_cols)), split_cols
+
+
+def epilogue_grid(rows: int) -> tuple[int]:
+    return (rows,)
+
+
+def soft_assign_grid(batch: int, n: int) -> tuple[int, int]:
+    return (triton.cdiv(n, ASSIGN["BLOCK_N"]), batch)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H200's 132 where there is no GPU to ask)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H200_SMS
+
+
 # --- launchers -----------------------------------------------------------------------------------
 
 def _upcast(x: torch.Tensor) -> bool:
@@ -233,34 +288,22 @@ def _upcast(x: torch.Tensor) -> bool:
 FP32_PRECISION = "ieee"
 
 
-# Opt-in autotuning (VOCABSEM_TRITON_AUTOTUNE=1): each call shape (N, V, D) is timed over the
-# configurations below once per process. Off by default: the pinned configurations above are
-# deterministic and cost no tuning time. The interpreter cannot autotune.
-AUTOTUNE = os.environ.get("VOCABSEM_TRITON_AUTOTUNE", "0") == "1" and not INTERPRETING
-TUNING_SPACE = [  # BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages
-    (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3),
-    (128, 128, 64, 8, 4), (256, 64, 32, 8, 3),
-]
-_TUNED: dict = {}
-
-
-def _launch(kernel, pinned: dict, grid_of, args: tuple, constexprs: dict, reset_to_zero=None) -> None:
-    """Launch ``kernel`` with its pinned configuration, or through triton.autotune when opted in
-    (``reset_to_zero`` names the accumulated outputs a tuning run must clear)."""
-    if not AUTOTUNE:
-        kernel[grid_of(pinned)](*args, **constexprs, **pinned)
-        return
-    tuned = _TUNED.get(kernel)
-    if tuned is None:
-        configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd), num_warps=w, num_stages=st)
-                   for bn, bv, bd, w, st in TUNING_SPACE]
-        tuned = _TUNED[kernel] = triton.autotune(configs=configs, key=["N", "V", "D"],
-                                                 reset_to_zero=reset_to_zero)(kernel)
-    tuned[grid_of](*args, **constexprs)
-
-
 def _inverse_or_dummy(inv, like):
     return inv if inv is not None else like.new_empty(1, dtype=torch.float32)
+
+
+def forward_constexprs(dtype: torch.dtype, normalize: bool, smooth: bool) -> dict:
+    return dict(NORMALIZE=normalize, SMOOTH=smooth, UPCAST=INTERPRETING or dtype == torch.float32,
+                PRECISION=FP32_PRECISION)
+
+
+def topk_constexprs(dtype: torch.dtype, normalize: bool, k: int) -> dict:
+    return dict(K=k, K_PAD=triton.next_power_of_2(k), NORMALIZE=normalize,
+                UPCAST=INTERPRETING or dtype == torch.float32, PRECISION=FP32_PRECISION)
+
+
+def epilogue_constexprs(col_scale: bool, smooth: bool, grad: bool) -> dict:
+    return dict(COL_SCALE=col_scale, SMOOTH=smooth, GRAD=grad)
 
 
 def cross_entropy_forward(hidden, bases, targets, inv_h, inv_b, scale: float, ignore_index: int,
@@ -268,55 +311,67 @@ def cross_entropy_forward(hidden, bases, targets, inv_h, inv_b, scale: float, ig
     """Per-row loss (0 for ignored rows) and log-sum-exp, both fp32."""
     n, d = hidden.shape
     v = bases.shape[0]
-    loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
     if n == 0:
-        return loss, lse
-    _launch(_ce_forward_kernel, FORWARD, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
-            (hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), loss, lse,
-             n, v, d, hidden.stride(0), bases.stride(0), float(scale), int(ignore_index), float(smoothing)),
-            dict(NORMALIZE=inv_h is not None, SMOOTH=smoothing > 0, UPCAST=_upcast(hidden),
-                 PRECISION=FP32_PRECISION))
-    return loss, lse
-
-
-def cross_entropy_backward(hidden, bases, targets, inv_h, inv_b, lse, upstream, scale: float, ignore_index: int,
-                           smoothing: float, need_hidden: bool, need_bases: bool, filter_eps: float = 0.0):
-    """fp32 gradients with respect to the normalised hidden rows and bases (None where not needed)."""
-    n, d = hidden.shape
-    v = bases.shape[0]
-    dh = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
-    db = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_bases else None
-    if n == 0 or not (need_hidden or need_bases):
-        return dh, db
-    dummy = hidden.new_empty(1, dtype=torch.float32)
-    _launch(_ce_backward_kernel, BACKWARD,
-            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"])),
-            (hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), lse,
-             upstream.to(torch.float32).contiguous(), dh if need_hidden else dummy, db if need_bases else dummy,
-             n, v, d, hidden.stride(0), bases.stride(0), float(scale), int(ignore_index), float(smoothing),
-             float(filter_eps)),
-            dict(NORMALIZE=inv_h is not None, UPCAST=_upcast(hidden), PRECISION=FP32_PRECISION, NEED_H=need_hidden,
-                 NEED_B=need_bases, FILTER=filter_eps > 0),
-            reset_to_zero=["dh_ptr", "db_ptr"])
-    return dh, db
+        return torch.empty(0, **f32), torch.empty(0, **f32)
+    config = forward_config(n)
+    grid, split_cols = split_grid(n, v, config["BLOCK_N"], config["BLOCK_V"], sm_count(hidden.device))
+    part = torch.empty(4, grid[1], n, **f32)
+    _ce_forward_kernel[grid](
+        hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), part,
+        n, v, d, hidden.stride(0), bases.stride(0), float(scale), split_cols,
+        **forward_constexprs(hidden.dtype, inv_h is not None, smoothing > 0), **config)
+    split_max, split_sum, split_target, split_logits = part.unbind(0)
+    row_max = split_max.amax(0)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)  # all -inf: a finite shift
+    lse = shift + torch.log((split_sum * torch.exp(split_max - shift)).sum(0))
+    loss = lse - (1.0 - smoothing) * split_target.sum(0)
+    if smoothing > 0:
+        loss = loss - smoothing * split_logits.sum(0) / v
+    return torch.where(targets == ignore_index, 0.0, loss), lse
 
 
 def topk(hidden, bases, inv_h, inv_b, scale: float, k: int):
     """Top-k scores (fp32, descending) and their int64 indices per row."""
     n, d = hidden.shape
     v = bases.shape[0]
-    values = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
-    indices = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
     if n == 0:
-        return values, indices
-    _launch(_topk_kernel, TOPK, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
-            (hidden, bases, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), values, indices,
-             n, v, d, hidden.stride(0), bases.stride(0), float(scale)),
-            dict(K=k, K_PAD=triton.next_power_of_2(k), NORMALIZE=inv_h is not None, UPCAST=_upcast(hidden),
-                 PRECISION=FP32_PRECISION))
-    order = values.argsort(dim=1, descending=True, stable=True)  # slots are unordered: sort the k
+        return (torch.empty(0, k, dtype=torch.float32, device=hidden.device),
+                torch.empty(0, k, dtype=torch.int64, device=hidden.device))
+    config = topk_config(n)
+    grid, split_cols = split_grid(n, v, config["BLOCK_N"], config["BLOCK_V"], sm_count(hidden.device))
+    values = torch.empty(grid[1], n, k, dtype=torch.float32, device=hidden.device)
+    indices = torch.empty(grid[1], n, k, dtype=torch.int64, device=hidden.device)
+    _topk_kernel[grid](
+        hidden, bases, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), values, indices,
+        n, v, d, hidden.stride(0), bases.stride(0), float(scale), split_cols,
+        **topk_constexprs(hidden.dtype, inv_h is not None, k), **config)
+    # merge the splits: each row's k best of splits x k candidates (slots are unordered)
+    values = values.permute(1, 0, 2).reshape(n, -1)
+    indices = indices.permute(1, 0, 2).reshape(n, -1)
+    # real candidates first, so that an empty slot (-1, -inf) never wins a tie with one
+    real_first = torch.argsort((indices < 0).to(torch.uint8), dim=1, stable=True)
+    values, indices = values.gather(1, real_first), indices.gather(1, real_first)
+    order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
     return values.gather(1, order), indices.gather(1, order)
+
+
+def strip_epilogue(scores, row_scale, col_scale, targets, ignore_index: int, weight, smoothing: float):
+    """In place on an fp32 strip (R, V) of raw scores: per-row (loss, lse); with ``weight`` the
+    strip becomes the gradient tile (see ``_strip_epilogue_kernel``)."""
+    rows, v = scores.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=scores.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=scores.device)
+    if rows == 0:
+        return loss, lse
+    dummy = scores.new_empty(1)
+    _strip_epilogue_kernel[epilogue_grid(rows)](
+        scores, scores.stride(0), row_scale.to(torch.float32).contiguous(),
+        dummy if col_scale is None else col_scale, targets.contiguous(),
+        dummy if weight is None else weight.to(torch.float32).contiguous(), loss, lse, v, int(ignore_index),
+        float(smoothing), **epilogue_constexprs(col_scale is not None, smoothing > 0, weight is not None),
+        **EPILOGUE)
+    return loss, lse
 
 
 def soft_assign(points, centroids, inv_p, inv_c, scale: float):
@@ -326,12 +381,15 @@ def soft_assign(points, centroids, inv_p, inv_c, scale: float):
     out = torch.empty(batch, n, k, dtype=torch.float32, device=points.device)
     if batch == 0 or n == 0:
         return out
-    cfg = ASSIGN
-    _soft_assign_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), batch)](
+    _soft_assign_kernel[soft_assign_grid(batch, n)](
         points, centroids, _inverse_or_dummy(inv_p, points), _inverse_or_dummy(inv_c, points), out, n, k, d,
         float(scale), NORMALIZE=inv_p is not None, UPCAST=_upcast(points), PRECISION=FP32_PRECISION,
-        BLOCK_K=max(16, triton.next_power_of_2(k)), **cfg)
+        BLOCK_K=soft_assign_block_k(k), **ASSIGN)
     return out
+
+
+def soft_assign_block_k(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
 
 
 MAX_TOPK = 64  # the top-k takes a tile's best K one at a time (K passes over the tile): small K only

@@ -4,9 +4,9 @@ Run on a CUDA machine after ``bench/gpu_check.sh`` has built the package (it cal
 
     python bench/library/gpu_check.py --out bench/results/gpu-check.json [--quick]
 
-1. Correctness: ``tests/library/gpu_backend_cases.py`` on the GPU for the triton and cuda backends (fp32,
-   bf16 and fp16, odd shapes, reductions, label smoothing, gradients, top-k, hard and soft
-   assignment, gradient filtering); with ``--cpu-suite`` also the CPU test suite (without the
+1. Correctness: ``tests/library/gpu_backend_cases.py`` on the GPU for the triton and cuda backends
+   (fp32, bf16 and fp16, odd shapes, reductions, label smoothing, gradients, few rows over many
+   vocabulary splits, top-k, hard and soft assignment); with ``--cpu-suite`` also the CPU test suite (without the
    real-model tests).
 2. Benchmarks of the similarity cross-entropy, forward, backward and both, bf16, at
    N = 8192 and 16384, d = 4096, V = 128256 (Llama-3) and N = 8192, d = 2304, V = 256000 (Gemma-2),

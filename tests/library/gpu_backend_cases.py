@@ -44,6 +44,10 @@ def test_cross_entropy_and_gradients(impl, shape, dtype, loss):
     reduction, smoothing, normalize, scale = LOSSES[loss]
     dt = DTYPES[dtype]
     h64, b64 = make(n, d, dtype=torch.float64), make(v, d, dtype=torch.float64)
+    if d == 1:
+        # normalised d = 1 vectors are the constants +-1: the true gradients are 0 and what any
+        # float32 implementation returns is rounding noise times 1/|x|; keep |x| >= 0.5 to bound it
+        h64, b64 = (torch.where(x >= 0, x + 0.5, x - 0.5) for x in (h64, b64))
     targets = make_targets((n,), v).to(DEVICE)
     upstream = torch.rand(n, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
     outs = {}
@@ -60,12 +64,39 @@ def test_cross_entropy_and_gradients(impl, shape, dtype, loss):
                            name=f"{impl} {shape} {dtype} {loss} {part}", slack=_slack(dt))
 
 
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_forward_of_a_few_rows_over_many_vocabulary_splits(impl, n, dtype):
+    """Decoding and scoring: few rows, the vocabulary split over many programs and merged; loss
+    and log-sum-exp without gradients, ignored rows included."""
+    dt = DTYPES[dtype]
+    h64, b64 = make(n, 37, dtype=torch.float64), make(5003, 37, dtype=torch.float64)
+    targets = make_targets((n,), 5003, ignored=0.3).to(DEVICE)
+    results = {}
+    for name, x_dtype, use in (("fused", dt, impl), ("ref", dt, None), ("truth", torch.float64, None)):
+        h, b = h64.to(DEVICE, x_dtype), b64.to(DEVICE, x_dtype)
+        kwargs = dict(scale=20.0, reduction="none", label_smoothing=0.1)
+        with torch.no_grad():
+            if use:
+                loss, lse = vs.similarity_cross_entropy(h, b, targets, impl=use, return_lse=True, **kwargs)
+            else:
+                loss = ref.similarity_cross_entropy(h, b, targets, **kwargs)
+                lse = torch.logsumexp(ref.similarity_logits(h, b, scale=20.0).to(loss.dtype), dim=-1)
+        results[name] = (loss.cpu().double(), lse.cpu().double())
+    for i, part in enumerate(("loss", "lse")):
+        assert_error_bound(results["fused"][i], results["ref"][i], results["truth"][i],
+                           name=f"{impl} n={n} {dtype} {part}", slack=_slack(dt))
+
+
 @pytest.mark.parametrize("k", [1, 5, 17])
+@pytest.mark.parametrize("shape", [(41, 67, 333), (2, 67, 3001)], ids=["N41-V333", "N2-V3001"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("impl", GPU_IMPLS)
-def test_topk(impl, k, dtype):
+def test_topk(impl, k, dtype, shape):
     dt = DTYPES[dtype]
-    h64, b64 = make(41, 67, dtype=torch.float64), make(333, 67, dtype=torch.float64)
+    n, d, v = shape
+    h64, b64 = make(n, d, dtype=torch.float64), make(v, d, dtype=torch.float64)
     values, indices = vs.similarity_topk(h64.to(DEVICE, dt), b64.to(DEVICE, dt), k=k, scale=3.0, impl=impl)
     ref_values, _ = ref.similarity_topk(h64.to(dt), b64.to(dt), k=k, scale=3.0)
     truth = ref.similarity_logits(h64, b64, scale=3.0)
@@ -97,27 +128,3 @@ def test_soft_assign_and_gradients(impl, k, dtype):
     for i, part in enumerate(("probabilities", "grad points", "grad centroids")):
         assert_error_bound(outs["fused"][i].double(), outs["ref"][i].double(), outs["truth"][i],
                            name=f"{impl} soft assign {dtype} k={k} {part}", slack=_slack(dt))
-
-
-@pytest.mark.skipif("triton" not in GPU_IMPLS, reason="gradient filtering is a triton backend option")
-def test_gradient_filtering():
-    """A threshold below every |softmax - target| keeps all tiles (exact); one above all of them skips
-    every tile, so both gradients are exactly zero."""
-    from vocabsem_fast.backends.triton import TritonBackend
-    from vocabsem_fast.options import LossOptions, SimilarityOptions
-
-    h, b = make(37, 59).to(DEVICE), make(301, 59).to(DEVICE)
-    targets = make_targets((37,), 301).to(DEVICE)
-    sim, loss = SimilarityOptions(scale=20.0), LossOptions()
-    weight = (targets != loss.ignore_index).float()
-
-    def gradients(filter_eps):
-        backend = TritonBackend(filter_eps=filter_eps)
-        _, lse, _, _ = backend.cross_entropy(h, b, targets, sim, loss)
-        return backend.cross_entropy_backward(weight, h, b, targets, lse, sim, loss, True, True)
-
-    exact, kept, skipped = gradients(0.0), gradients(1e-30), gradients(2.0)  # |softmax - onehot| <= 1
-    assert not any(bool((g == 0).all()) for g in exact)
-    for e, k in zip(exact, kept):
-        assert torch.equal(e, k)
-    assert all(bool((g == 0).all()) for g in skipped)

@@ -16,34 +16,12 @@ from torch import Tensor
 
 from ..options import SimilarityOptions
 from .interface import Backend, Capabilities
-from .strips import strip_cross_entropy
+from .strips import AtenGemms, mm_f32, strip_cross_entropy
 
 STRIP_ELEMENTS = 1 << 27  # fp32 scores per strip: 512 MiB
 
 
-def _mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """a @ b with an fp32 result (fp32 accumulation in cuBLAS for bf16 / fp16 inputs)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    try:
-        result = torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):  # a torch without mm(out_dtype=): upcast
-        result = torch.mm(a.float(), b.float())
-    return result if out is None else out.copy_(result)
-
-
-def _add_mm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b into an fp32 accumulator without an (m, n) temporary where torch allows."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    try:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    except (TypeError, RuntimeError):
-        acc += _mm_f32(a, b)
-
-
-class CudaStripKernels:
+class CudaStripKernels(AtenGemms):
     """The strip algorithm's pieces on the GPU: cuBLAS GEMMs and the CUDA epilogue kernels."""
 
     def __init__(self, ext):
@@ -51,9 +29,6 @@ class CudaStripKernels:
 
     def inverse_norms(self, x, eps):
         return self.ext.cuda_row_inverse_norms(x, eps)
-
-    def scores(self, rows, bases, out):
-        _mm_f32(rows, bases.T, out=out)
 
     def epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing):
         rows, vocab = scores.shape
@@ -66,15 +41,6 @@ class CudaStripKernels:
             self.ext.cuda_softmax_grad_tile(scores, 0, 1.0, row_scale, col_scale, lse, targets, weight.contiguous(),
                                             smoothing, vocab, col_scale)
         return loss, lse
-
-    def grad_rows(self, tile, bases, out):
-        _mm_f32(tile.to(bases.dtype), bases, out=out)
-
-    def add_grad_bases(self, acc, tile, rows, first):
-        dtype = acc.dtype if rows.dtype == acc.dtype else rows.dtype
-        if first:
-            acc.zero_()
-        _add_mm_f32(acc, tile.to(dtype).T, rows.to(dtype))
 
     def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
         return self.ext.cuda_normalization_backward(x.contiguous(), inv, grad.contiguous(), eps,
@@ -121,7 +87,7 @@ class CudaBackend(Backend):
         rows_per_strip = max(1, STRIP_ELEMENTS // max(v, 1))
         for r0 in range(0, n, rows_per_strip):
             r1 = min(n, r0 + rows_per_strip)
-            scores = _mm_f32(h[r0:r1], b.T)
+            scores = mm_f32(h[r0:r1], b.T)
             vals, idx = values[r0:r1], indices[r0:r1]  # contiguous row slices: updated in place
             self.ext.cuda_topk_merge(scores, 0, sim.scale, None if inv_h is None else inv_h[r0:r1], inv_b, vals, idx)
         return values, indices

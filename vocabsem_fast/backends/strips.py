@@ -106,3 +106,44 @@ def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, ta
         db = (kernels.normalization_backward(bases, inv_b, grad_b, sim.eps, True) if inv_b is not None
               else grad_b.to(bases.dtype))
     return per_row, lse, dh, db
+
+
+# --- GEMMs with fp32 accumulation through ATen (cuBLAS on a GPU), shared by the GPU backends -----
+
+def mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b with an fp32 result (fp32 accumulation in cuBLAS for bf16 / fp16 inputs)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    try:
+        result = torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # a torch (or device) without mm(out_dtype=): upcast
+        result = torch.mm(a.float(), b.float())
+    return result if out is None else out.copy_(result)
+
+
+def add_mm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b into an fp32 accumulator without an (m, n) temporary where torch allows."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError):
+        acc += mm_f32(a, b)
+
+
+class AtenGemms:
+    """The three GEMMs of the strip algorithm on a GPU: inputs in their own dtype (tensor cores
+    for bf16 / fp16), fp32 results; the gradient tile is cast to the inputs' dtype for its GEMMs."""
+
+    def scores(self, rows, bases, out):
+        mm_f32(rows, bases.T, out=out)
+
+    def grad_rows(self, tile, bases, out):
+        mm_f32(tile.to(bases.dtype), bases, out=out)
+
+    def add_grad_bases(self, acc, tile, rows, first):
+        dtype = acc.dtype if rows.dtype == acc.dtype else rows.dtype
+        if first:
+            acc.zero_()
+        add_mm_f32(acc, tile.to(dtype).T, rows.to(dtype))

@@ -1,12 +1,20 @@
-"""The ``triton`` backend: fused Triton kernels (``vocabsem_fast.kernels.similarity``) for the
-cross-entropy forward and backward, top-k / hard assignment and small-K soft assignment.
+"""The ``triton`` backend: Triton kernels (``vocabsem_fast.kernels.similarity``) for the
+cross-entropy, top-k / hard assignment and small-K soft assignment.
 
-Row norms are computed once per tensor here and passed to the kernels as inverse norms; the
-kernels return gradients with respect to the normalised rows and the exact gradient of the
-normalisation is applied here (O(N d + V d) work). float64 inputs (gradcheck), similarity
-logits (their output is N x V by definition), top-k with k > ``max_topk`` and soft assignment
-with more centroids than the kernel holds are not covered: the registry runs them on the torch
-backend. The soft-assignment backward is the torch form (a (B, N, K) product of the saved probabilities).
+* A loss without gradients runs the fused forward kernel: programs over (row block, vocabulary
+  split), nothing N x V in memory, the whole GPU busy even for one row.
+* A loss with gradients runs the strip algorithm (``strips.py``) as the cuda backend does: three
+  cuBLAS GEMMs on row strips with the Triton strip epilogue in between, and for a reduced loss
+  the gradients come out of the forward pass. Why not a fused backward: its tiles would add their
+  products into the fp32 gradients with atomics, V / BLOCK_V adds per hidden-gradient element,
+  and gradient filtering (what lets Cut Cross-Entropy skip most of them on raw head logits) skips
+  0.1% of tiles at similarity logits (bench/results/gradient-filtering.json); the strips cost a
+  bounded fp32 workspace and one pass over it instead.
+* Row norms are computed once per tensor (torch) and enter the kernels as scales.
+
+float64 inputs (gradcheck), similarity logits (an N x V output by definition), top-k with
+k > ``max_topk`` and soft assignment with more centroids than the kernel holds are not covered:
+the registry runs them on the torch backend. The soft-assignment backward is the torch form.
 """
 
 from __future__ import annotations
@@ -17,19 +25,38 @@ from ..options import SimilarityOptions
 from .chunked import TorchBackend
 from .interface import Backend, Capabilities
 from .normalization import inverse_norms, normalization_backward
+from .strips import AtenGemms, strip_cross_entropy
+
+STRIP_ELEMENTS = 1 << 27  # fp32 scores per strip: 512 MiB on a GPU
+
+
+class TritonStripKernels(AtenGemms):
+    """The strip algorithm's pieces: cuBLAS GEMMs (ATen) and the Triton strip epilogue."""
+
+    def __init__(self, triton_similarity):
+        self.triton_similarity = triton_similarity
+
+    def inverse_norms(self, x, eps):
+        return inverse_norms(x, eps)
+
+    def epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing):
+        return self.triton_similarity.strip_epilogue(scores, row_scale, col_scale, targets, ignore_index, weight,
+                                                     smoothing)
+
+    def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
+        return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv,
+                                      out=grad if grad.dtype == x.dtype else None)
 
 
 class TritonBackend(Backend):
-    """``filter_eps``: the backward skips a tile whose largest |softmax - target| is below it
-    (gradient filtering; 0, the default, is exact)."""
-
     name = "triton"
 
-    def __init__(self, *, filter_eps: float = 0.0):
+    def __init__(self, *, strip_elements: int = STRIP_ELEMENTS):
         from ..kernels import similarity as triton_similarity  # noqa: PLC0415  (imports triton)
 
         self.triton_similarity = triton_similarity
-        self.filter_eps = float(filter_eps)
+        self.kernels = TritonStripKernels(triton_similarity)
+        self.strip_elements = strip_elements
         self._torch = TorchBackend()
         self.capabilities = Capabilities(
             devices=("cuda", "cpu"),  # CPU tensors only under the Triton interpreter
@@ -37,6 +64,7 @@ class TritonBackend(Backend):
             ops=frozenset({"cross_entropy", "topk", "soft_assign"}),
             max_topk=triton_similarity.MAX_TOPK,
             max_soft_assign_k=triton_similarity.MAX_SOFT_ASSIGN_K,
+            gradients_in_forward=True,
         )
 
     @staticmethod
@@ -44,24 +72,19 @@ class TritonBackend(Backend):
         return inverse_norms(x, sim.eps) if sim.normalize else None
 
     def cross_entropy(self, hidden, bases, targets, sim, loss, weight=None, need_hidden=False, need_bases=False):
-        hidden, bases = hidden.contiguous(), bases.contiguous()
+        hidden, bases, targets = hidden.contiguous(), bases.contiguous(), targets.contiguous()
+        if weight is not None and (need_hidden or need_bases):
+            return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, weight, need_hidden,
+                                       need_bases, self.strip_elements)
         per_row, lse = self.triton_similarity.cross_entropy_forward(
-            hidden, bases, targets.contiguous(), self._inverse(hidden, sim), self._inverse(bases, sim),
+            hidden, bases, targets, self._inverse(hidden, sim), self._inverse(bases, sim),
             sim.scale, loss.ignore_index, loss.label_smoothing)
         return per_row, lse, None, None
 
     def cross_entropy_backward(self, row_weight, hidden, bases, targets, lse, sim, loss, need_hidden, need_bases):
-        hidden, bases = hidden.contiguous(), bases.contiguous()
-        inv_h, inv_b = self._inverse(hidden, sim), self._inverse(bases, sim)
-        dhn, dbn = self.triton_similarity.cross_entropy_backward(
-            hidden, bases, targets.contiguous(), inv_h, inv_b, lse.to(torch.float32).contiguous(),
-            row_weight.to(torch.float32).contiguous(), sim.scale, loss.ignore_index, loss.label_smoothing,
-            need_hidden, need_bases, self.filter_eps)
-        dh = db = None
-        if need_hidden:
-            dh = dhn.to(hidden.dtype) if inv_h is None else normalization_backward(hidden, inv_h, dhn, sim.eps)
-        if need_bases:
-            db = dbn.to(bases.dtype) if inv_b is None else normalization_backward(bases, inv_b, dbn, sim.eps)
+        hidden, bases, targets = hidden.contiguous(), bases.contiguous(), targets.contiguous()
+        _, _, dh, db = strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, row_weight, need_hidden,
+                                           need_bases, self.strip_elements)
         return dh, db
 
     def topk(self, hidden, bases, k: int, sim: SimilarityOptions):
