@@ -38,9 +38,10 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # One pinned configuration per kernel and row regime: few rows (decoding) take 16-row blocks,
 # the smallest a tensor-core dot takes.
 FORWARD = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3)
+FORWARD_FP32 = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)  # fp32 FMA: registers
 FORWARD_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3)
-TOPK = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2)
-TOPK_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2)
+TOPK = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
+TOPK_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=64, num_warps=4, num_stages=2)
 EPILOGUE = dict(BLOCK_V=1024, num_warps=4, num_stages=1)
 ASSIGN = dict(BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=2)
 FEW_ROWS = 16  # at most this many rows: the *_FEW_ROWS configurations
@@ -141,7 +142,7 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
     slots = tl.arange(0, K_PAD)
     # the running best K of each row; padding slots hold +inf so they are never the minimum
     best = tl.where(slots[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, K_PAD), tl.float32)
-    best_idx = tl.zeros((BLOCK_N, K_PAD), tl.int64) - 1
+    best_idx = tl.zeros((BLOCK_N, K_PAD), tl.int32) - 1  # int32 in registers: V < 2^31
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -150,7 +151,7 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
         z = tl.where(col_mask[None, :], z, float("-inf"))
         # at most K entries of this tile can enter: take the tile's best K one at a time, each
         # replacing the row's current worst when larger (ties keep the earlier, lower index)
-        for _ in tl.static_range(K):
+        for _ in range(K):
             top = tl.max(z, axis=1)
             top_col = tl.min(tl.where(z == top[:, None], cols[None, :], V), axis=1)
             worst = tl.min(best, axis=1)
@@ -158,12 +159,12 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
             take = (top > worst) & (top_col < V)
             replace = take[:, None] & (slots[None, :] == worst_slot[:, None])
             best = tl.where(replace, top[:, None], best)
-            best_idx = tl.where(replace, top_col.to(tl.int64)[:, None], best_idx)
+            best_idx = tl.where(replace, top_col[:, None], best_idx)
             z = tl.where(cols[None, :] == top_col[:, None], float("-inf"), z)
     out = (split.to(tl.int64) * N + rows.to(tl.int64))[:, None] * K + slots[None, :]
     mask = row_mask[:, None] & (slots[None, :] < K)
     tl.store(val_ptr + out, best, mask=mask)
-    tl.store(idx_ptr + out, best_idx, mask=mask)
+    tl.store(idx_ptr + out, best_idx.to(tl.int64), mask=mask)
 
 
 @triton.jit
@@ -242,8 +243,10 @@ def _soft_assign_kernel(p_ptr, c_ptr, inv_p_ptr, inv_c_ptr, out_ptr, N, K, D, sc
 
 # --- geometry: plain functions of the sizes, checked on the CPU -----------------------------------
 
-def forward_config(n: int) -> dict:
-    return FORWARD_FEW_ROWS if n <= FEW_ROWS else FORWARD
+def forward_config(n: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    if n <= FEW_ROWS:
+        return FORWARD_FEW_ROWS
+    return FORWARD_FP32 if dtype == torch.float32 else FORWARD
 
 
 def topk_config(n: int) -> dict:
@@ -280,10 +283,6 @@ def sm_count(device: torch.device) -> int:
 
 # --- launchers -----------------------------------------------------------------------------------
 
-def _upcast(x: torch.Tensor) -> bool:
-    return INTERPRETING or x.dtype == torch.float32
-
-
 # fp32 dots run in full fp32 ("ieee"), not TF32: the contract is fp32 accuracy for fp32 inputs.
 FP32_PRECISION = "ieee"
 
@@ -292,14 +291,23 @@ def _inverse_or_dummy(inv, like):
     return inv if inv is not None else like.new_empty(1, dtype=torch.float32)
 
 
-def forward_constexprs(dtype: torch.dtype, normalize: bool, smooth: bool) -> dict:
-    return dict(NORMALIZE=normalize, SMOOTH=smooth, UPCAST=INTERPRETING or dtype == torch.float32,
+# The constexprs each launcher selects, as functions of its inputs: the launchers and the
+# ahead-of-time variant list (``variants.py``) use the same ones. ``interpreting``: every dot in
+# fp32 (the interpreter's bf16 dots are wrong); a GPU keeps bf16 / fp16 operands on tensor cores.
+def forward_constexprs(dtype: torch.dtype, normalize: bool, smooth: bool, *, interpreting: bool = INTERPRETING) -> dict:
+    return dict(NORMALIZE=normalize, SMOOTH=smooth, UPCAST=interpreting or dtype == torch.float32,
                 PRECISION=FP32_PRECISION)
 
 
-def topk_constexprs(dtype: torch.dtype, normalize: bool, k: int) -> dict:
+def topk_constexprs(dtype: torch.dtype, normalize: bool, k: int, *, interpreting: bool = INTERPRETING) -> dict:
     return dict(K=k, K_PAD=triton.next_power_of_2(k), NORMALIZE=normalize,
-                UPCAST=INTERPRETING or dtype == torch.float32, PRECISION=FP32_PRECISION)
+                UPCAST=interpreting or dtype == torch.float32, PRECISION=FP32_PRECISION)
+
+
+def soft_assign_constexprs(dtype: torch.dtype, normalize: bool, k: int, *,
+                           interpreting: bool = INTERPRETING) -> dict:
+    return dict(NORMALIZE=normalize, UPCAST=interpreting or dtype == torch.float32, PRECISION=FP32_PRECISION,
+                BLOCK_K=soft_assign_block_k(k))
 
 
 def epilogue_constexprs(col_scale: bool, smooth: bool, grad: bool) -> dict:
@@ -314,7 +322,7 @@ def cross_entropy_forward(hidden, bases, targets, inv_h, inv_b, scale: float, ig
     f32 = dict(dtype=torch.float32, device=hidden.device)
     if n == 0:
         return torch.empty(0, **f32), torch.empty(0, **f32)
-    config = forward_config(n)
+    config = forward_config(n, hidden.dtype)
     grid, split_cols = split_grid(n, v, config["BLOCK_N"], config["BLOCK_V"], sm_count(hidden.device))
     part = torch.empty(4, grid[1], n, **f32)
     _ce_forward_kernel[grid](
@@ -383,8 +391,7 @@ def soft_assign(points, centroids, inv_p, inv_c, scale: float):
         return out
     _soft_assign_kernel[soft_assign_grid(batch, n)](
         points, centroids, _inverse_or_dummy(inv_p, points), _inverse_or_dummy(inv_c, points), out, n, k, d,
-        float(scale), NORMALIZE=inv_p is not None, UPCAST=_upcast(points), PRECISION=FP32_PRECISION,
-        BLOCK_K=soft_assign_block_k(k), **ASSIGN)
+        float(scale), **soft_assign_constexprs(points.dtype, inv_p is not None, k), **ASSIGN)
     return out
 
 
