@@ -9,14 +9,20 @@ Run on a CUDA machine after ``bench/gpu_check.sh`` has built the package (it cal
    vocabulary splits, top-k, hard and soft assignment); with ``--cpu-suite`` also the CPU test suite (without the
    real-model tests).
 2. Benchmarks of the similarity cross-entropy, forward, backward and both, bf16, at
-   N = 8192 and 16384, d = 4096, V = 128256 (Llama-3) and N = 8192, d = 2304, V = 256000 (Gemma-2),
+   N = 8192 and 16384, d = 4096, V = 128256 (Llama-3), N = 2048, d = 576, V = 49152 (SmolLM2) and
+   N = 8192, d = 2304, V = 256000 (Gemma-2),
    against: the materialising reference, ``torch.compile`` of it, Liger-Kernel's and Cut
    Cross-Entropy's fused linear cross-entropy (raw logits, so our kernels also run with
    ``normalize=False``), and a plain bf16 GEMM of the same size (the throughput ceiling). For each:
    median time (CUDA events), TFLOP/s counting 2 N d V per GEMM (1 forward, 2 backward), the
    fraction of the measured GEMM rate, and the peak memory above the inputs.
-3. Top-k (k = 5), hard assignment and k-means timings of the fused backends against the
+3. Decoding shapes (N = 1, 8, 64 against the Llama-3 head: loss forward and top-1), top-k
+   (k = 5), hard assignment and k-means timings of the fused backends against the
    materialising reference (and faiss's GPU flat index where faiss can be imported).
+
+The whole run keeps to 8 minutes (``VOCABSEM_GPU_CHECK_SECONDS``): each step has a time limit,
+a step that would start too late is skipped and named in the results, and the JSON is written
+after every step.
 
 Results go to one JSON file and a table printed last. Contenders whose package is missing are
 listed with the reason, never silently dropped.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -38,6 +45,26 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench" / "library"))
 
 
+class Budget:
+    """The run's time limit, and each step's: a step that would start too late is skipped (and
+    says so in the results); ``timeout`` bounds a subprocess."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.time() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def allows(self, step_seconds: float) -> bool:
+        return self.left() > step_seconds
+
+    def timeout(self, cap: float) -> float:
+        return max(1.0, min(cap, self.left() - 5))
+
+
+BUDGET = Budget(float(os.environ.get("VOCABSEM_GPU_CHECK_SECONDS", "480")))  # 8 minutes in all
+
+
 def correctness(cpu_suite: bool) -> dict:
     runs = {}
     commands = {"gpu_backend_cases": [sys.executable, "-m", "pytest", "-q", "tests/library/gpu_backend_cases.py"]}
@@ -45,7 +72,14 @@ def correctness(cpu_suite: bool) -> dict:
         commands["cpu_suite"] = [sys.executable, "-m", "pytest", "-q", "-x", "tests", "-m", "not real_model"]
     for name, cmd in commands.items():
         start = time.time()
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        try:
+            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=BUDGET.timeout(240))
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            runs[name] = {"returncode": 124, "summary": f"timed out after {exc.timeout:.0f} s",
+                          "log_tail": out[-4000:], "seconds": round(time.time() - start, 1)}
+            print(f"[correctness] {name}: timed out", flush=True)
+            continue
         tail = (result.stdout + result.stderr).strip().splitlines()
         runs[name] = {"returncode": result.returncode, "summary": tail[-1] if tail else "",
                       "seconds": round(time.time() - start, 1)}
@@ -197,6 +231,33 @@ def gemm_rate(n: int, d: int, v: int) -> float:
     return 3 * 2.0 * n * d * v / ms / 1e9
 
 
+def bench_decoding(rows: list) -> None:
+    """Decoding and scoring shapes: the loss forward without gradients and the top-1 (greedy
+    decoding) of N = 1, 8, 64 rows against the Llama-3 head, every fused backend and the reference."""
+    import vocabsem_fast as vs
+    from vocabsem_fast import reference
+
+    b = torch.randn(128256, 4096, device="cuda", dtype=torch.bfloat16)
+    for n in (1, 8, 64):
+        h = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
+        t = torch.randint(0, 128256, (n,), device="cuda")
+        cases = {"reference loss": lambda h=h, t=t: reference.similarity_cross_entropy(h, b, t, scale=20.0),
+                 "reference top-1": lambda h=h: reference.similarity_topk(h, b, k=1, scale=20.0)}
+        for impl in ("triton", "cuda"):
+            if vs.backends.unavailable_reason(impl) is None:
+                cases[f"{impl} loss"] = lambda impl=impl, h=h, t=t: vs.similarity_cross_entropy(
+                    h, b, t, scale=20.0, impl=impl)
+                cases[f"{impl} top-1"] = lambda impl=impl, h=h: vs.similarity_topk(h, b, k=1, scale=20.0, impl=impl)
+        for name, fn in cases.items():
+            op = f"decode N={n} d=4096 V=128256 bf16"
+            with torch.no_grad():
+                try:
+                    rows.append({"op": op, "contender": name, "ms": timed(fn, reps=20)})
+                except Exception as exc:  # noqa: BLE001
+                    rows.append({"op": op, "contender": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            print(f"[bench] {rows[-1]}", flush=True)
+
+
 def bench_topk(rows: list) -> None:
     import vocabsem_fast as vs
     from vocabsem_fast import reference
@@ -267,24 +328,38 @@ def main() -> int:
                           "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                           "vocabsem_fast": vs.__version__, "backends": vs.available_backends()},
               "command": " ".join(sys.argv)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every step: a run stopped by its time limit keeps what it measured
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     result["correctness"] = correctness(args.cpu_suite)
+    save()
     result["nccl"] = nccl_check()
-    shapes = [(8192, 4096, 128256)] if args.quick else [(8192, 4096, 128256), (16384, 4096, 128256),
-                                                        (8192, 2304, 256000)]
+    save()
+    shapes = [(8192, 4096, 128256)] if args.quick else [(8192, 4096, 128256), (2048, 576, 49152),
+                                                        (8192, 2304, 256000), (16384, 4096, 128256)]
     rows: list = []
-    result["gemm_tflops"] = {}
+    result["gemm_tflops"], result["cross_entropy"], result["skipped"] = {}, rows, []
     for n, d, v in shapes:
+        if not BUDGET.allows(90):
+            result["skipped"].append(f"cross-entropy N={n} d={d} V={v}: time budget")
+            continue
         rate = gemm_rate(n, d, v)
         result["gemm_tflops"][f"N={n} d={d} V={v}"] = rate
         print(f"[bench] GEMM N={n} d={d} V={v}: {rate:.0f} TFLOP/s", flush=True)
         bench_cross_entropy(n, d, v, rate, rows, normalize_ours=(n, d, v) == shapes[0])
-    result["cross_entropy"] = rows
+        save()
     topk_rows: list = []
-    bench_topk(topk_rows)
-    bench_assignment(topk_rows)
     result["topk_and_assignment"] = topk_rows
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for name, step, seconds in (("decoding", bench_decoding, 30), ("top-k", bench_topk, 30),
+                                ("assignment", bench_assignment, 60)):
+        if BUDGET.allows(seconds):
+            step(topk_rows)
+        else:
+            result["skipped"].append(f"{name}: time budget")
+        save()
     print(f"\n{'shape':<24} {'contender':<22} {'fwd ms':>8} {'bwd ms':>8} {'both ms':>8} {'TFLOP/s':>8} "
           f"{'of GEMM':>7} {'peak MiB':>9}")
     for r in rows:
@@ -297,6 +372,8 @@ def main() -> int:
     for r in topk_rows:
         print(f"{r['op']:<40} {r['contender']:<22} " + (f"{r['ms']:>9.2f} ms" if "ms" in r else r["error"][:60]))
     failed = [name for name, run in result["correctness"].items() if run["returncode"] != 0]
+    for line in result["skipped"]:
+        print(f"skipped {line}")
     print(f"\ncorrectness: {'FAILED ' + ', '.join(failed) if failed else 'all passed'}; wrote {args.out}")
     return 1 if failed else 0
 
