@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.strips import merge_topk
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # One pinned configuration per kernel and row regime: few rows (decoding) take 16-row blocks,
@@ -355,13 +357,7 @@ def topk(hidden, bases, inv_h, inv_b, scale: float, k: int):
         n, v, d, hidden.stride(0), bases.stride(0), float(scale), split_cols,
         **topk_constexprs(hidden.dtype, inv_h is not None, k), **config)
     # merge the splits: each row's k best of splits x k candidates (slots are unordered)
-    values = values.permute(1, 0, 2).reshape(n, -1)
-    indices = indices.permute(1, 0, 2).reshape(n, -1)
-    # real candidates first, so that an empty slot (-1, -inf) never wins a tie with one
-    real_first = torch.argsort((indices < 0).to(torch.uint8), dim=1, stable=True)
-    values, indices = values.gather(1, real_first), indices.gather(1, real_first)
-    order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
-    return values.gather(1, order), indices.gather(1, order)
+    return merge_topk(values.permute(1, 0, 2).reshape(n, -1), indices.permute(1, 0, 2).reshape(n, -1), k)
 
 
 def strip_epilogue(scores, row_scale, col_scale, targets, ignore_index: int, weight, smoothing: float):

@@ -80,32 +80,32 @@ at::Tensor normalization_backward(const at::Tensor& x, const at::Tensor& inv, co
   return out;
 }
 
-void lse_merge(const at::Tensor& scores, int64_t col0, double scale, const OptTensor& row_inv, const OptTensor& col_inv,
-               const at::Tensor& targets, double smoothing, at::Tensor& running_max, at::Tensor& running_sum,
-               at::Tensor& target_logit, at::Tensor& logit_sum) {
+at::Tensor lse_partial(const at::Tensor& scores, double scale, const OptTensor& row_inv, const OptTensor& col_inv,
+                       const at::Tensor& targets, double smoothing, int64_t splits) {
   check_scores(scores);
   const int64_t rows = scores.size(0), cols = scores.size(1);
   check_vector(targets, "targets", at::kLong, rows);
-  for (auto* t : {&running_max, &running_sum, &target_logit, &logit_sum}) check_vector(*t, "running state", at::kFloat, rows);
+  TORCH_CHECK(splits >= 1 && splits <= 65535, "splits must be in [1, 65535], got ", splits);
   const c10::cuda::CUDAGuard guard(scores.device());
-  check_cuda(cuda::lse_merge(scores.data_ptr<float>(), rows, cols, scores.stride(0), col0, (float)scale,
-                             optional_vector(row_inv, "row_inv", rows), optional_vector(col_inv, "col_inv", cols),
-                             targets.data_ptr<int64_t>(), (float)smoothing, running_max.data_ptr<float>(),
-                             running_sum.data_ptr<float>(), target_logit.data_ptr<float>(),
-                             logit_sum.data_ptr<float>(), stream_of(scores)),
-             "lse_merge");
+  auto partial = at::empty({4, splits, rows}, scores.options());
+  check_cuda(cuda::lse_partial(scores.data_ptr<float>(), rows, cols, scores.stride(0), (float)scale,
+                               optional_vector(row_inv, "row_inv", rows), optional_vector(col_inv, "col_inv", cols),
+                               targets.data_ptr<int64_t>(), (float)smoothing, splits, partial.data_ptr<float>(),
+                               stream_of(scores)),
+             "lse_partial");
+  return partial;
 }
 
-std::vector<at::Tensor> lse_finish(const at::Tensor& running_max, const at::Tensor& running_sum,
-                                   const at::Tensor& target_logit, const at::Tensor& logit_sum,
-                                   const at::Tensor& targets, int64_t ignore_index, double smoothing, int64_t vocab) {
+std::vector<at::Tensor> lse_finish(const at::Tensor& partial, const at::Tensor& targets, int64_t ignore_index,
+                                   double smoothing, int64_t vocab) {
   const int64_t rows = targets.numel();
   check_vector(targets, "targets", at::kLong, rows);
-  for (auto* t : {&running_max, &running_sum, &target_logit, &logit_sum}) check_vector(*t, "running state", at::kFloat, rows);
+  TORCH_CHECK(partial.is_cuda() && partial.is_contiguous() && partial.scalar_type() == at::kFloat &&
+                  partial.dim() == 3 && partial.size(0) == 4 && partial.size(2) == rows,
+              "partial must be a contiguous float32 (4, splits, rows) CUDA tensor");
   const c10::cuda::CUDAGuard guard(targets.device());
-  auto lse = at::empty_like(running_max), loss = at::empty_like(running_max);
-  check_cuda(cuda::lse_finish(rows, running_max.data_ptr<float>(), running_sum.data_ptr<float>(),
-                              target_logit.data_ptr<float>(), logit_sum.data_ptr<float>(), targets.data_ptr<int64_t>(),
+  auto lse = at::empty({rows}, partial.options()), loss = at::empty({rows}, partial.options());
+  check_cuda(cuda::lse_finish(rows, partial.size(1), partial.data_ptr<float>(), targets.data_ptr<int64_t>(),
                               ignore_index, (float)smoothing, vocab, lse.data_ptr<float>(), loss.data_ptr<float>(),
                               stream_of(targets)),
              "lse_finish");
@@ -129,22 +129,20 @@ void softmax_grad_tile(at::Tensor& scores, int64_t col0, double scale, const Opt
              "softmax_grad_tile");
 }
 
-void topk_merge(at::Tensor& scores, int64_t col0, double scale, const OptTensor& row_inv, const OptTensor& col_inv,
-                at::Tensor& values, at::Tensor& indices) {
+std::vector<at::Tensor> topk_partial(at::Tensor& scores, double scale, const OptTensor& row_inv,
+                                     const OptTensor& col_inv, int64_t k, int64_t splits) {
   check_scores(scores);
   const int64_t rows = scores.size(0), cols = scores.size(1);
-  TORCH_CHECK(values.dim() == 2 && values.size(0) == rows && values.is_contiguous() &&
-                  values.scalar_type() == at::kFloat,
-              "values must be a contiguous float32 (rows, k) tensor");
-  const int64_t k = values.size(1);
   TORCH_CHECK(k >= 1 && k <= cuda::kMaxTopK, "k must be in [1, ", cuda::kMaxTopK, "] for the CUDA top-k, got ", k);
-  TORCH_CHECK(indices.sizes() == values.sizes() && indices.is_contiguous() && indices.scalar_type() == at::kLong,
-              "indices must be a contiguous int64 tensor shaped like values");
+  TORCH_CHECK(splits >= 1 && splits <= 65535, "splits must be in [1, 65535], got ", splits);
   const c10::cuda::CUDAGuard guard(scores.device());
-  check_cuda(cuda::topk_merge(scores.data_ptr<float>(), rows, cols, scores.stride(0), col0, (float)scale,
-                              optional_vector(row_inv, "row_inv", rows), optional_vector(col_inv, "col_inv", cols), k,
-                              values.data_ptr<float>(), indices.data_ptr<int64_t>(), stream_of(scores)),
-             "topk_merge");
+  auto values = at::empty({splits, rows, k}, scores.options());
+  auto indices = at::empty({splits, rows, k}, scores.options().dtype(at::kLong));
+  check_cuda(cuda::topk_partial(scores.data_ptr<float>(), rows, cols, scores.stride(0), (float)scale,
+                                optional_vector(row_inv, "row_inv", rows), optional_vector(col_inv, "col_inv", cols), k,
+                                splits, values.data_ptr<float>(), indices.data_ptr<int64_t>(), stream_of(scores)),
+             "topk_partial");
+  return {values, indices};
 }
 
 void check_batched(const at::Tensor& points, const at::Tensor& centroids) {
@@ -221,15 +219,14 @@ void register_cuda(pybind11::module& m) {
   m.def("cuda_row_inverse_norms", &row_inverse_norms, arg("x"), arg("eps"));
   m.def("cuda_normalization_backward", &normalization_backward, arg("x"), arg("inv"), arg("grad"), arg("eps"),
         arg("grad_times_inv"));
-  m.def("cuda_lse_merge", &lse_merge, arg("scores"), arg("col0"), arg("scale"), arg("row_inv"), arg("col_inv"),
-        arg("targets"), arg("smoothing"), arg("running_max"), arg("running_sum"), arg("target_logit"),
-        arg("logit_sum"));
-  m.def("cuda_lse_finish", &lse_finish, arg("running_max"), arg("running_sum"), arg("target_logit"),
-        arg("logit_sum"), arg("targets"), arg("ignore_index"), arg("smoothing"), arg("vocab"));
+  m.def("cuda_lse_partial", &lse_partial, arg("scores"), arg("scale"), arg("row_inv"), arg("col_inv"),
+        arg("targets"), arg("smoothing"), arg("splits"));
+  m.def("cuda_lse_finish", &lse_finish, arg("partial"), arg("targets"), arg("ignore_index"), arg("smoothing"),
+        arg("vocab"));
   m.def("cuda_softmax_grad_tile", &softmax_grad_tile, arg("scores"), arg("col0"), arg("scale"), arg("row_inv"),
         arg("col_inv"), arg("lse"), arg("targets"), arg("weight"), arg("smoothing"), arg("vocab"), arg("col_mul"));
-  m.def("cuda_topk_merge", &topk_merge, arg("scores"), arg("col0"), arg("scale"), arg("row_inv"), arg("col_inv"),
-        arg("values"), arg("indices"));
+  m.def("cuda_topk_partial", &topk_partial, arg("scores"), arg("scale"), arg("row_inv"), arg("col_inv"), arg("k"),
+        arg("splits"));
   m.def("cuda_soft_assign_forward", &soft_assign_forward, arg("points"), arg("centroids"), arg("inv_points"),
         arg("inv_centroids"), arg("scale"));
   m.def("cuda_soft_assign_backward", &soft_assign_backward, arg("points"), arg("centroids"), arg("inv_points"),

@@ -126,49 +126,68 @@ __global__ void normalization_backward_kernel(const T* x, const float* inv, cons
 
 // --- cross-entropy epilogues on fp32 score tiles -------------------------------------------------
 
-__global__ void lse_merge_kernel(const float* scores, int64_t cols, int64_t ld, int64_t col0, float scale,
-                                 const float* row_inv, const float* col_inv, const int64_t* targets,
-                                 float smoothing, float* running_max, float* running_sum, float* target_logit,
-                                 float* logit_sum) {
-  const int64_t r = blockIdx.x;
+__device__ __forceinline__ void split_range(int64_t cols, int64_t split, int64_t splits, int64_t& begin,
+                                            int64_t& end) {
+  const int64_t span = (cols + splits - 1) / splits;
+  begin = split * span;
+  end = begin + span < cols ? begin + span : cols;
+}
+
+__global__ void lse_partial_kernel(const float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
+                                   const float* row_inv, const float* col_inv, const int64_t* targets,
+                                   float smoothing, float* partial) {
+  const int64_t r = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  int64_t begin, end;
+  split_range(cols, split, splits, begin, end);
   const float* row = scores + r * ld;
   const float row_scale = scale * factor(row_inv, r);
   const int64_t target = targets[r];
   float local_max = -INFINITY, picked = 0.f, total = 0.f;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
     const float z = row[j] * row_scale * factor(col_inv, j);
     local_max = fmaxf(local_max, z);
-    if (col0 + j == target) picked += z;
+    if (j == target) picked += z;
     total += z;
   }
   const float tile_max = block_max(local_max);
+  const float shift = tile_max == -INFINITY ? 0.f : tile_max;
   float s = 0.f;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += expf(row[j] * row_scale * factor(col_inv, j) - tile_max);
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    s += expf(row[j] * row_scale * factor(col_inv, j) - shift);
+  }
   s = block_sum(s);
   picked = block_sum(picked);
   if (smoothing > 0.f) total = block_sum(total);
   if (threadIdx.x == 0) {
-    const float old_max = running_max[r];
-    const float new_max = fmaxf(old_max, tile_max);
-    if (new_max != -INFINITY) {
-      running_sum[r] = running_sum[r] * expf(old_max - new_max) + s * expf(tile_max - new_max);
-      running_max[r] = new_max;
-    }
-    target_logit[r] += picked;
-    if (smoothing > 0.f) logit_sum[r] += total;
+    const int64_t plane = splits * rows, at = split * rows + r;
+    partial[at] = tile_max;
+    partial[plane + at] = s;
+    partial[2 * plane + at] = picked;
+    partial[3 * plane + at] = smoothing > 0.f ? total : 0.f;
   }
 }
 
-__global__ void lse_finish_kernel(int64_t rows, const float* running_max, const float* running_sum,
-                                  const float* target_logit, const float* logit_sum, const int64_t* targets,
+__global__ void lse_finish_kernel(int64_t rows, int64_t splits, const float* partial, const int64_t* targets,
                                   int64_t ignore_index, float smoothing, int64_t vocab, float* lse, float* loss) {
   const int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (r >= rows) return;
-  const float m = running_max[r];
-  const float value = (m == -INFINITY ? 0.f : m) + logf(running_sum[r]);
+  const int64_t plane = splits * rows;
+  float m = -INFINITY, picked = 0.f, total = 0.f;
+  for (int64_t s = 0; s < splits; ++s) {
+    m = fmaxf(m, partial[s * rows + r]);
+    picked += partial[2 * plane + s * rows + r];
+    total += partial[3 * plane + s * rows + r];
+  }
+  const float shift = m == -INFINITY ? 0.f : m;
+  float sum = 0.f;
+  for (int64_t s = 0; s < splits; ++s) {
+    const float part_max = partial[s * rows + r];
+    if (part_max != -INFINITY) sum += partial[plane + s * rows + r] * expf(part_max - shift);
+  }
+  const float value = shift + logf(sum);
   lse[r] = value;
-  float l = value - (1.f - smoothing) * target_logit[r];
-  if (smoothing > 0.f) l -= smoothing * logit_sum[r] / (float)vocab;
+  float l = value - (1.f - smoothing) * picked;
+  if (smoothing > 0.f) l -= smoothing * total / (float)vocab;
   loss[r] = targets[r] == ignore_index ? 0.f : l;
 }
 
@@ -196,42 +215,38 @@ __global__ void softmax_grad_tile_kernel(float* scores, int64_t cols, int64_t ld
 
 // --- running top-k --------------------------------------------------------------------------------
 
-__global__ void topk_merge_kernel(float* scores, int64_t cols, int64_t ld, int64_t col0, float scale,
-                                  const float* row_inv, const float* col_inv, int k, float* values,
-                                  int64_t* indices) {
+__global__ void topk_partial_kernel(float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
+                                    const float* row_inv, const float* col_inv, int k, float* values,
+                                    int64_t* indices) {
   __shared__ float best[kMaxTopK];
-  __shared__ int64_t best_index[64];
-  const int64_t r = blockIdx.x;
+  __shared__ int64_t best_index[kMaxTopK];
+  const int64_t r = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  int64_t begin, end;
+  split_range(cols, split, splits, begin, end);
   float* row = scores + r * ld;
   const float row_scale = scale * factor(row_inv, r);
-  for (int i = threadIdx.x; i < k; i += blockDim.x) best[i] = values[r * k + i], best_index[i] = indices[r * k + i];
+  for (int i = threadIdx.x; i < k; i += blockDim.x) best[i] = -INFINITY, best_index[i] = -1;
   __syncthreads();
-  // the tile's best entries, one at a time, while they beat the row's current k-th
+  // the range's best entries, one at a time, kept sorted (equal values: the lower index first)
   for (int round = 0; round < k; ++round) {
     float value = -INFINITY;
     int64_t index = INT64_MAX;
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
       const float z = row[j] * row_scale * factor(col_inv, j);
-      if (z > value) value = z, index = j;
+      if (z > value) value = z, index = j;  // taken entries are -inf: never again
     }
     block_argmax(value, index);
-    const bool done = !(value > best[k - 1]) || index == INT64_MAX;  // the same in every thread
-    __syncthreads();  // everyone has read best[] before thread 0 changes it
-    if (done) break;
+    if (index == INT64_MAX) break;  // the range is exhausted (the same in every thread)
     if (threadIdx.x == 0) {
-      int pos = k - 1;
-      while (pos > 0 && best[pos - 1] < value) {  // equal values keep the earlier (lower) index first
-        best[pos] = best[pos - 1];
-        best_index[pos] = best_index[pos - 1];
-        --pos;
-      }
-      best[pos] = value;
-      best_index[pos] = col0 + index;
+      best[round] = value;
+      best_index[round] = index;
       row[index] = -INFINITY;
     }
     __syncthreads();
   }
-  for (int i = threadIdx.x; i < k; i += blockDim.x) values[r * k + i] = best[i], indices[r * k + i] = best_index[i];
+  __syncthreads();
+  const int64_t out = (split * rows + r) * k;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) values[out + i] = best[i], indices[out + i] = best_index[i];
 }
 
 // --- batched soft assignment (one warp per point) --------------------------------------------
@@ -407,24 +422,24 @@ cudaError_t normalization_backward(const void* x, DType dtype, const float* inv,
   return dispatch<LaunchNormalizationBackward>(dtype, x, inv, grad, rows, d, ld, eps, grad_times_inv, out, stream);
 }
 
-cudaError_t lse_merge(const float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
-                      const float* row_inv, const float* col_inv, const int64_t* targets, float smoothing,
-                      float* running_max, float* running_sum, float* target_logit, float* logit_sum,
-                      cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  lse_merge_kernel<<<(unsigned)rows, kThreads, 0, stream>>>(scores, cols, ld, col0, scale, row_inv, col_inv, targets,
-                                                            smoothing, running_max, running_sum, target_logit,
-                                                            logit_sum);
+cudaError_t lse_partial(const float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
+                        const float* row_inv, const float* col_inv, const int64_t* targets, float smoothing,
+                        int64_t splits, float* partial, cudaStream_t stream) {
+  if (splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  const dim3 grid((unsigned)rows, (unsigned)splits);
+  lse_partial_kernel<<<grid, kThreads, 0, stream>>>(scores, rows, cols, ld, scale, row_inv, col_inv, targets,
+                                                    smoothing, partial);
   return cudaGetLastError();
 }
 
-cudaError_t lse_finish(int64_t rows, const float* running_max, const float* running_sum, const float* target_logit,
-                       const float* logit_sum, const int64_t* targets, int64_t ignore_index, float smoothing,
-                       int64_t vocab, float* lse, float* loss, cudaStream_t stream) {
+cudaError_t lse_finish(int64_t rows, int64_t splits, const float* partial, const int64_t* targets,
+                       int64_t ignore_index, float smoothing, int64_t vocab, float* lse, float* loss,
+                       cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const unsigned blocks = (unsigned)((rows + kThreads - 1) / kThreads);
-  lse_finish_kernel<<<blocks, kThreads, 0, stream>>>(rows, running_max, running_sum, target_logit, logit_sum, targets,
-                                                     ignore_index, smoothing, vocab, lse, loss);
+  lse_finish_kernel<<<blocks, kThreads, 0, stream>>>(rows, splits, partial, targets, ignore_index, smoothing, vocab,
+                                                     lse, loss);
   return cudaGetLastError();
 }
 
@@ -439,13 +454,14 @@ cudaError_t softmax_grad_tile(float* scores, int64_t rows, int64_t cols, int64_t
   return cudaGetLastError();
 }
 
-cudaError_t topk_merge(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
-                       const float* row_inv, const float* col_inv, int64_t k, float* values, int64_t* indices,
-                       cudaStream_t stream) {
-  if (k < 1 || k > kMaxTopK) return cudaErrorInvalidValue;
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  topk_merge_kernel<<<(unsigned)rows, 128, 0, stream>>>(scores, cols, ld, col0, scale, row_inv, col_inv, (int)k,
-                                                        values, indices);
+cudaError_t topk_partial(float* scores, int64_t rows, int64_t cols, int64_t ld, float scale, const float* row_inv,
+                         const float* col_inv, int64_t k, int64_t splits, float* values, int64_t* indices,
+                         cudaStream_t stream) {
+  if (k < 1 || k > kMaxTopK || splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  const dim3 grid((unsigned)rows, (unsigned)splits);
+  topk_partial_kernel<<<grid, 128, 0, stream>>>(scores, rows, cols, ld, scale, row_inv, col_inv, (int)k, values,
+                                                indices);
   return cudaGetLastError();
 }
 

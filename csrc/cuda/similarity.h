@@ -20,18 +20,19 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 cudaError_t row_inverse_norms(const void* x, DType dtype, int64_t rows, int64_t d, int64_t ld, float eps,
                               float* inv, cudaStream_t stream);
 
-// Online log-sum-exp merge of one score tile S (rows x cols, row stride ld), whose columns are
-// vocabulary entries col0 .. col0 + cols - 1: z = scale * S * row_inv[r] * col_inv[c]. Updates the
-// running max / sum, adds the target logit (targets in [col0, col0 + cols)) and, when smoothing
-// > 0, the sum of logits.
-cudaError_t lse_merge(const float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
-                      const float* row_inv, const float* col_inv, const int64_t* targets, float smoothing,
-                      float* running_max, float* running_sum, float* target_logit, float* logit_sum,
-                      cudaStream_t stream);
+// Partial online log-sum-exp of a score tile S (rows x cols, row stride ld) over `splits` column
+// ranges per row, so that few rows still occupy the whole GPU: block (r, s) reads the columns
+// [s * span, min(cols, (s + 1) * span)), span = ceil(cols / splits), of z = scale * S * row_inv[r]
+// * col_inv[c] and writes its max, rescaled sum, target logit (targets in [0, cols); others match
+// no column) and, when smoothing > 0, logit sum to partial[q * splits * rows + s * rows + r],
+// q = 0..3. An empty range writes -inf, 0, 0, 0.
+cudaError_t lse_partial(const float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
+                        const float* row_inv, const float* col_inv, const int64_t* targets, float smoothing,
+                        int64_t splits, float* partial, cudaStream_t stream);
 
-// lse = max + log(sum); loss = lse - (1 - ls) * target_logit - ls * logit_sum / V (0 where ignored).
-cudaError_t lse_finish(int64_t rows, const float* running_max, const float* running_sum,
-                       const float* target_logit, const float* logit_sum, const int64_t* targets,
+// Merges the splits of lse_partial: lse = max + log(sum of rescaled sums); loss = lse - (1 - ls)
+// * target_logit - ls * logit_sum / V (0 where ignored).
+cudaError_t lse_finish(int64_t rows, int64_t splits, const float* partial, const int64_t* targets,
                        int64_t ignore_index, float smoothing, int64_t vocab, float* lse, float* loss,
                        cudaStream_t stream);
 
@@ -51,13 +52,14 @@ cudaError_t normalization_backward(const void* x, DType dtype, const float* inv,
                                    int64_t d, int64_t ld, float eps, bool grad_times_inv, float* out,
                                    cudaStream_t stream);
 
-// Running top-k merge: for each row, the tile's entries (z as in lse_merge) that beat the row's
-// current k best enter the sorted (descending) lists values / indices (rows x k; start them at
-// -inf / -1). The tile is scratch: taken entries are overwritten. k <= kMaxTopK.
+// Partial top-k over `splits` column ranges per row (ranges as in lse_partial): block (r, s)
+// writes the k best (z as in lse_partial) of its range, sorted descending, to values / indices
+// [(s * rows + r) * k ...]; slots beyond the range's columns hold -inf / -1. The tile is scratch:
+// taken entries are overwritten. k <= kMaxTopK.
 constexpr int kMaxTopK = 64;
-cudaError_t topk_merge(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t col0, float scale,
-                       const float* row_inv, const float* col_inv, int64_t k, float* values, int64_t* indices,
-                       cudaStream_t stream);
+cudaError_t topk_partial(float* scores, int64_t rows, int64_t cols, int64_t ld, float scale, const float* row_inv,
+                         const float* col_inv, int64_t k, int64_t splits, float* values, int64_t* indices,
+                         cudaStream_t stream);
 
 // Batched soft assignment, fused: probs[b, n, :] = softmax_k(scale * cos(points[b, n], centroids[b, k]))
 // (dot products when the inverse norms are null), for k <= kMaxSoftAssignK.

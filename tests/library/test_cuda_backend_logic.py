@@ -45,22 +45,35 @@ class KernelModel:
     def _z(scores, scale, row_inv, col_inv):
         return scores * scale * _f(row_inv, scores.shape[0])[:, None] * _f(col_inv, scores.shape[1])[None, :]
 
-    def cuda_lse_merge(self, scores, col0, scale, row_inv, col_inv, targets, smoothing, rmax, rsum, tlogit, lsum):
+    @staticmethod
+    def _ranges(cols, splits):
+        span = -(-cols // splits)
+        return [(s * span, min(cols, (s + 1) * span)) for s in range(splits)]
+
+    def cuda_lse_partial(self, scores, scale, row_inv, col_inv, targets, smoothing, splits):
         z = self._z(scores, scale, row_inv, col_inv)
-        cols = torch.arange(col0, col0 + z.shape[1])
-        tile_max = z.amax(1)
-        new_max = torch.maximum(rmax, tile_max)
-        tile_sum = (z - tile_max[:, None]).exp().sum(1)
-        rsum.copy_(rsum * torch.exp(rmax - new_max) + tile_sum * torch.exp(tile_max - new_max))
-        rmax.copy_(new_max)
-        tlogit += torch.where(cols[None, :] == targets[:, None], z, 0.0).sum(1)
-        if smoothing > 0:
-            lsum += z.sum(1)
+        rows, cols = z.shape
+        partial = torch.zeros(4, splits, rows)
+        partial[0] = float("-inf")
+        for s, (c0, c1) in enumerate(self._ranges(cols, splits)):
+            if c1 <= c0:
+                continue
+            part = z[:, c0:c1]
+            m = part.amax(1)
+            partial[0, s] = m
+            partial[1, s] = (part - m[:, None]).exp().sum(1)
+            in_range = (targets >= c0) & (targets < c1)
+            partial[2, s] = torch.where(in_range, part.gather(1, (targets - c0).clamp(0, c1 - c0 - 1)[:, None])[:, 0],
+                                        0.0)
+            partial[3, s] = part.sum(1) if smoothing > 0 else 0.0
+        return partial
 
     @staticmethod
-    def cuda_lse_finish(rmax, rsum, tlogit, lsum, targets, ignore_index, smoothing, vocab):
-        lse = rmax + torch.log(rsum)
-        loss = lse - (1 - smoothing) * tlogit - (smoothing * lsum / vocab if smoothing > 0 else 0.0)
+    def cuda_lse_finish(partial, targets, ignore_index, smoothing, vocab):
+        m = partial[0].amax(0)
+        lse = m + torch.log((partial[1] * torch.exp(partial[0] - m)).sum(0))
+        loss = lse - (1 - smoothing) * partial[2].sum(0) - (smoothing * partial[3].sum(0) / vocab if smoothing > 0
+                                                             else 0.0)
         return lse, torch.where(targets == ignore_index, 0.0, loss)
 
     def cuda_softmax_grad_tile(self, scores, col0, scale, row_inv, col_inv, lse, targets, weight, smoothing, vocab,
@@ -72,14 +85,17 @@ class KernelModel:
         g = g * weight[:, None] * scale * _f(col_mul, z.shape[1])[None, :]
         scores.copy_(torch.where(weight[:, None] == 0, 0.0, g))
 
-    def cuda_topk_merge(self, scores, col0, scale, row_inv, col_inv, values, indices):
+    def cuda_topk_partial(self, scores, scale, row_inv, col_inv, k, splits):
         z = self._z(scores, scale, row_inv, col_inv)
-        k = values.shape[1]
-        merged_v = torch.cat([values, z], 1)
-        merged_i = torch.cat([indices, torch.arange(col0, col0 + z.shape[1]).expand(z.shape[0], -1)], 1)
-        best, pick = merged_v.topk(k, dim=1)
-        values.copy_(best)
-        indices.copy_(merged_i.gather(1, pick))
+        rows, cols = z.shape
+        values = torch.full((splits, rows, k), float("-inf"))
+        indices = torch.full((splits, rows, k), -1, dtype=torch.long)
+        for s, (c0, c1) in enumerate(self._ranges(cols, splits)):
+            taken = min(k, c1 - c0)
+            if taken > 0:
+                best, where = z[:, c0:c1].topk(taken, dim=1)
+                values[s, :, :taken], indices[s, :, :taken] = best, where + c0
+        return values, indices
 
     def cuda_soft_assign_forward(self, points, centroids, inv_p, inv_c, scale):
         b, n, d = points.shape
@@ -105,7 +121,19 @@ class KernelModel:
 @pytest.fixture
 def backends_pair(monkeypatch):
     monkeypatch.setattr(cuda_module, "STRIP_ELEMENTS", 700)  # several strips of rows
+    monkeypatch.setattr(cuda_module, "MIN_SPLIT_COLUMNS", 7)  # several vocabulary splits of these small tiles
     return CudaBackend(KernelModel()), TorchBackend()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64, 2048])
+@pytest.mark.parametrize("cols", [32000, 128256, 256000])
+@pytest.mark.parametrize("sms", [132, 108])
+def test_vocabulary_splits_give_every_sm_a_block(rows, cols, sms):
+    splits = cuda_module.vocabulary_splits(rows, cols, sms)
+    assert rows * splits >= sms
+    assert -(-cols // splits) >= cuda_module.MIN_SPLIT_COLUMNS - 1 or splits == 1
+    if rows >= sms:
+        assert splits == 1
 
 
 @pytest.mark.parametrize("normalize", [True, False])

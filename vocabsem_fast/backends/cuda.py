@@ -1,12 +1,14 @@
 """The ``cuda`` backend: cuBLAS GEMMs (through ATen) and the torch-free CUDA kernels of
 ``vocabsem_fast._C`` (csrc/cuda/similarity.cu).
 
-Cross-entropy runs the strip algorithm (``strips.py``): the epilogue is ``lse_merge`` and
+Cross-entropy runs the strip algorithm (``strips.py``): the epilogue is ``lse_partial`` and
 ``lse_finish`` (loss and log-sum-exp), then ``softmax_grad_tile`` (the gradient tile, in place);
 the normalisation backward is its own kernel. As on the CPU, a reduced loss gets its gradients
-from the forward pass (three GEMMs in all). Top-k and hard assignment merge each strip's scores
-into a running per-row top-k without writing N x V; soft assignment over few centroids runs
-fully fused, forward and backward; the k-means update sums each cluster's points in one kernel.
+from the forward pass (three GEMMs in all). The log-sum-exp and top-k kernels split each row's
+vocabulary over several blocks (``vocabulary_splits``) whose results merge exactly, so a few rows
+still occupy every SM. Top-k and hard assignment take each strip's best without writing N x V;
+soft assignment over few centroids runs fully fused, forward and backward; the k-means update
+sums each cluster's points in one kernel.
 """
 
 from __future__ import annotations
@@ -16,9 +18,24 @@ from torch import Tensor
 
 from ..options import SimilarityOptions
 from .interface import Backend, Capabilities
-from .strips import AtenGemms, mm_f32, strip_cross_entropy
+from .strips import AtenGemms, merge_topk, mm_f32, strip_cross_entropy
 
 STRIP_ELEMENTS = 1 << 27  # fp32 scores per strip: 512 MiB
+MIN_SPLIT_COLUMNS = 128  # a vocabulary split gives each of a block's 256 threads at least half a column
+H200_SMS = 132  # the SM count assumed where no GPU is asked (tests of the orchestration on the CPU)
+
+
+def vocabulary_splits(rows: int, cols: int, sms: int) -> int:
+    """Column ranges per row for the log-sum-exp and top-k kernels (grid rows x splits): enough
+    for one block per SM when the rows alone are fewer, none narrower than MIN_SPLIT_COLUMNS."""
+    wanted = -(-sms // max(rows, 1))
+    return max(1, min(wanted, cols // MIN_SPLIT_COLUMNS, 65535))
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H200_SMS
 
 
 class CudaStripKernels(AtenGemms):
@@ -32,11 +49,10 @@ class CudaStripKernels(AtenGemms):
 
     def epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing):
         rows, vocab = scores.shape
-        f32 = dict(dtype=torch.float32, device=scores.device)
-        state = [torch.full((rows,), float("-inf"), **f32)] + [torch.zeros(rows, **f32) for _ in range(3)]
         row_scale, targets = row_scale.contiguous(), targets.contiguous()
-        self.ext.cuda_lse_merge(scores, 0, 1.0, row_scale, col_scale, targets, smoothing, *state)
-        lse, loss = self.ext.cuda_lse_finish(*state, targets, ignore_index, smoothing, vocab)
+        splits = vocabulary_splits(rows, vocab, _sms(scores.device))
+        partial = self.ext.cuda_lse_partial(scores, 1.0, row_scale, col_scale, targets, smoothing, splits)
+        lse, loss = self.ext.cuda_lse_finish(partial, targets, ignore_index, smoothing, vocab)
         if weight is not None:
             self.ext.cuda_softmax_grad_tile(scores, 0, 1.0, row_scale, col_scale, lse, targets, weight.contiguous(),
                                             smoothing, vocab, col_scale)
@@ -59,7 +75,7 @@ class CudaBackend(Backend):
             ops=frozenset({"cross_entropy", "topk", "soft_assign", "centroid_sums"}),
             max_topk=ext.cuda_max_topk,
             max_soft_assign_k=ext.cuda_max_soft_assign_k,
-            topk_needs_positive_scale=True,  # taken entries are marked -inf
+            topk_needs_positive_scale=True,  # taken entries are marked -inf, which a negative scale flips
             gradients_in_forward=True,
         )
 
@@ -88,8 +104,11 @@ class CudaBackend(Backend):
         for r0 in range(0, n, rows_per_strip):
             r1 = min(n, r0 + rows_per_strip)
             scores = mm_f32(h[r0:r1], b.T)
-            vals, idx = values[r0:r1], indices[r0:r1]  # contiguous row slices: updated in place
-            self.ext.cuda_topk_merge(scores, 0, sim.scale, None if inv_h is None else inv_h[r0:r1], inv_b, vals, idx)
+            splits = vocabulary_splits(r1 - r0, v, _sms(h.device))
+            part_v, part_i = self.ext.cuda_topk_partial(scores, sim.scale, None if inv_h is None else inv_h[r0:r1],
+                                                        inv_b, k, splits)
+            values[r0:r1], indices[r0:r1] = merge_topk(part_v.permute(1, 0, 2).reshape(r1 - r0, -1),
+                                                       part_i.permute(1, 0, 2).reshape(r1 - r0, -1), k)
         return values, indices
 
     def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):

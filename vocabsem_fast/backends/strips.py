@@ -147,3 +147,12 @@ class AtenGemms:
         if first:
             acc.zero_()
         add_mm_f32(acc, tile.to(dtype).T, rows.to(dtype))
+
+
+def merge_topk(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each row's k best of its candidates (rows, m), sorted descending; an empty slot (index
+    -1) never wins a tie with a real candidate, and equal values keep their candidate order."""
+    real_first = torch.argsort((indices < 0).to(torch.uint8), dim=1, stable=True)
+    values, indices = values.gather(1, real_first), indices.gather(1, real_first)
+    order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, order), indices.gather(1, order)
