@@ -43,6 +43,7 @@ FORWARD = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3)
 FORWARD_FP32 = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)  # fp32 FMA: registers
 FORWARD_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3)
 TOPK = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
+TOPK_FP32 = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=2)  # fp32 FMA: registers
 TOPK_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=64, num_warps=4, num_stages=2)
 EPILOGUE = dict(BLOCK_V=1024, num_warps=4, num_stages=1)
 ASSIGN = dict(BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=2)
@@ -130,14 +131,21 @@ def _ce_forward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, part_ptr,
 
 @triton.jit
 def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, stride_h, stride_b, scale,
-                 split_cols,
+                 split_cols, batch_stride_h, batch_stride_b,
                  K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The best K of rows [BLOCK_N block] within vocabulary split program_id(1), unordered:
-    val / idx (splits, N, K); slots beyond the split's columns hold -inf / -1."""
+    """The best K of rows [BLOCK_N block] of problem program_id(2) within vocabulary split
+    program_id(1), unordered: val / idx (splits, problems, N, K); slots beyond the split's columns
+    hold -inf / -1. Problems (a batch of independent hard assignments) are ``batch_stride_*``
+    elements apart in h and b, N and V apart in the inverse norms."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
+    problem = tl.program_id(2).to(tl.int64)
+    h_ptr += problem * batch_stride_h
+    b_ptr += problem * batch_stride_b
+    inv_h_ptr += problem * N
+    inv_b_ptr += problem * V
     row_mask = rows < N
     v_start = split * split_cols
     v_end = tl.minimum(V, v_start + split_cols)
@@ -163,7 +171,7 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
             best = tl.where(replace, top[:, None], best)
             best_idx = tl.where(replace, top_col[:, None], best_idx)
             z = tl.where(cols[None, :] == top_col[:, None], float("-inf"), z)
-    out = (split.to(tl.int64) * N + rows.to(tl.int64))[:, None] * K + slots[None, :]
+    out = ((split.to(tl.int64) * tl.num_programs(2) + problem) * N + rows.to(tl.int64))[:, None] * K + slots[None, :]
     mask = row_mask[:, None] & (slots[None, :] < K)
     tl.store(val_ptr + out, best, mask=mask)
     tl.store(idx_ptr + out, best_idx.to(tl.int64), mask=mask)
@@ -251,7 +259,9 @@ def forward_config(n: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     return FORWARD_FP32 if dtype == torch.float32 else FORWARD
 
 
-def topk_config(n: int) -> dict:
+def topk_config(n: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    if dtype == torch.float32:
+        return TOPK_FP32
     return TOPK_FEW_ROWS if n <= FEW_ROWS else TOPK
 
 
@@ -343,21 +353,33 @@ def cross_entropy_forward(hidden, bases, targets, inv_h, inv_b, scale: float, ig
 
 def topk(hidden, bases, inv_h, inv_b, scale: float, k: int):
     """Top-k scores (fp32, descending) and their int64 indices per row."""
-    n, d = hidden.shape
-    v = bases.shape[0]
-    if n == 0:
-        return (torch.empty(0, k, dtype=torch.float32, device=hidden.device),
-                torch.empty(0, k, dtype=torch.int64, device=hidden.device))
-    config = topk_config(n)
-    grid, split_cols = split_grid(n, v, config["BLOCK_N"], config["BLOCK_V"], sm_count(hidden.device))
-    values = torch.empty(grid[1], n, k, dtype=torch.float32, device=hidden.device)
-    indices = torch.empty(grid[1], n, k, dtype=torch.int64, device=hidden.device)
-    _topk_kernel[grid](
-        hidden, bases, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), values, indices,
-        n, v, d, hidden.stride(0), bases.stride(0), float(scale), split_cols,
-        **topk_constexprs(hidden.dtype, inv_h is not None, k), **config)
+    values, indices = batched_topk(hidden[None], bases[None], None if inv_h is None else inv_h[None],
+                                   None if inv_b is None else inv_b[None], scale, k)
+    return values[0], indices[0]
+
+
+def batched_topk(points, centroids, inv_p, inv_c, scale: float, k: int):
+    """(B, N, d) against (B, V, d), each problem on its own, in one launch: (B, N, k) values and
+    indices. Inverse norms are (B, N) and (B, V) (or None)."""
+    batch, n, d = points.shape
+    v = centroids.shape[1]
+    if batch == 0 or n == 0:
+        return (torch.empty(batch, n, k, dtype=torch.float32, device=points.device),
+                torch.empty(batch, n, k, dtype=torch.int64, device=points.device))
+    config = topk_config(n, points.dtype)
+    (row_blocks, splits), split_cols = split_grid(n, v, config["BLOCK_N"], config["BLOCK_V"],
+                                                  -(-sm_count(points.device) // batch))
+    values = torch.empty(splits, batch, n, k, dtype=torch.float32, device=points.device)
+    indices = torch.empty(splits, batch, n, k, dtype=torch.int64, device=points.device)
+    _topk_kernel[(row_blocks, splits, batch)](
+        points, centroids, _inverse_or_dummy(inv_p, points), _inverse_or_dummy(inv_c, points), values, indices,
+        n, v, d, points.stride(1), centroids.stride(1), float(scale), split_cols, points.stride(0),
+        centroids.stride(0), **topk_constexprs(points.dtype, inv_p is not None, k), **config)
     # merge the splits: each row's k best of splits x k candidates (slots are unordered)
-    return merge_topk(values.permute(1, 0, 2).reshape(n, -1), indices.permute(1, 0, 2).reshape(n, -1), k)
+    values = values.permute(1, 2, 0, 3).reshape(batch * n, -1)
+    indices = indices.permute(1, 2, 0, 3).reshape(batch * n, -1)
+    best, where = merge_topk(values, indices, k)
+    return best.view(batch, n, k), where.view(batch, n, k)
 
 
 def strip_epilogue(scores, row_scale, col_scale, targets, ignore_index: int, weight, smoothing: float):

@@ -80,7 +80,8 @@ def variants() -> list[Variant]:
             out.append(_variant(f"ce_forward[{','.join(tags)}]", s._ce_forward_kernel, dt,
                                 s.forward_constexprs(DTYPES[dt], normalize, smooth, interpreting=False), config,
                                 inputs, {"scale"}))
-        for k, config in itertools.product(TOPK_KS, (s.TOPK, s.TOPK_FEW_ROWS)):
+        topk_configs = {id(c): c for c in (s.topk_config(1, DTYPES[dt]), s.topk_config(s.FEW_ROWS + 1, DTYPES[dt]))}
+        for k, config in itertools.product(TOPK_KS, topk_configs.values()):
             tags = [dt, *_flag(normalize, "normalize"), f"k{k}", f"rows{config['BLOCK_N']}"]
             out.append(_variant(f"topk[{','.join(tags)}]", s._topk_kernel, dt,
                                 s.topk_constexprs(DTYPES[dt], normalize, k, interpreting=False), config, inputs,

@@ -321,6 +321,63 @@ def _topk_autograd(ctx, grad_values, grad_indices):
 _topk_op.register_autograd(_topk_autograd, setup_context=_topk_setup)
 
 
+# --- batched hard assignment ------------------------------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::batched_argmax", mutates_args=())
+def _batched_argmax_op(points: Tensor, centroids: Tensor, normalize: bool, eps: float,
+                       impl: str) -> tuple[Tensor, Tensor]:
+    """(scores, indices) of each point's best centroid, for B problems in one call (values first,
+    as the top-k op returns them)."""
+    backend = backends.select(impl, "batched_argmax", points.device, points.dtype)
+    indices, scores = backend.batched_argmax(points, centroids, SimilarityOptions(1.0, normalize, eps))
+    return scores, indices
+
+
+@_batched_argmax_op.register_fake
+def _(points, centroids, normalize, eps, impl):
+    shape = points.shape[:2]
+    return points.new_empty(shape, dtype=accumulate_dtype(points.dtype)), points.new_empty(shape, dtype=torch.long)
+
+
+def _batched_argmax_setup(ctx, inputs, output):
+    points, centroids, normalize, eps, _ = inputs
+    _, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(points, centroids, indices)
+    ctx.normalize, ctx.eps = normalize, eps
+
+
+def _batched_argmax_autograd(ctx, grad_scores, grad_indices):
+    """A score is the cosine (or dot) of a point with its chosen centroid: O(B N d) to differentiate."""
+    points, centroids, indices = ctx.saved_tensors
+    acc = accumulate_dtype(points.dtype)
+    batch, n, d = points.shape
+    if grad_scores is None:
+        return None, None, None, None, None
+    flat_p = points.reshape(-1, d)
+    chosen_rows = (indices + torch.arange(batch, device=points.device)[:, None] * centroids.shape[1]).reshape(-1)
+    flat_c = centroids.reshape(-1, d)
+    inv_p = inverse_norms(flat_p, ctx.eps) if ctx.normalize else None
+    inv_c = inverse_norms(flat_c, ctx.eps) if ctx.normalize else None
+    pn = flat_p.to(acc) if inv_p is None else flat_p.to(acc) * inv_p[:, None]
+    cn = flat_c[chosen_rows].to(acc)
+    if inv_c is not None:
+        cn = cn * inv_c[chosen_rows, None]
+    g = grad_scores.reshape(-1, 1).to(acc)
+    dp = dc = None
+    if ctx.needs_input_grad[0]:
+        dpn = g * cn
+        dp = dpn if inv_p is None else normalization_backward(flat_p, inv_p, dpn, ctx.eps)
+        dp = dp.to(points.dtype).view(points.shape)
+    if ctx.needs_input_grad[1]:
+        dcn = torch.zeros(flat_c.shape, dtype=acc, device=points.device).index_add_(0, chosen_rows, g * pn)
+        dc = dcn if inv_c is None else normalization_backward(flat_c, inv_c, dcn, ctx.eps, out=dcn)
+        dc = dc.to(centroids.dtype).view(centroids.shape)
+    return dp, dc, None, None, None
+
+
+_batched_argmax_op.register_autograd(_batched_argmax_autograd, setup_context=_batched_argmax_setup)
+
+
 # --- soft assignment ------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::soft_assign", mutates_args=())
 def _soft_assign_op(
@@ -491,12 +548,8 @@ def assign(
         if points.dim() == 2:
             values, indices = _topk_op(points, centroids, 1, 1.0, normalize, eps, backend)
             return indices[:, 0], values[:, 0]
-        if points.shape[0] == 0:  # an empty batch of problems: torch.stack needs at least one result
-            shape = (0, points.shape[1])
-            scores = points.new_empty(shape, dtype=accumulate_dtype(points.dtype))
-            return points.new_empty(shape, dtype=torch.long), scores
-        results = [_topk_op(p, c, 1, 1.0, normalize, eps, backend) for p, c in zip(points, centroids)]
-        return torch.stack([i[:, 0] for _, i in results]), torch.stack([v[:, 0] for v, _ in results])
+        scores, indices = _batched_argmax_op(points, centroids, normalize, eps, backend)  # every problem at once
+        return indices, scores
     batched = points.dim() == 3
     probs = _soft_assign_op(
         points if batched else points[None], centroids if batched else centroids[None],

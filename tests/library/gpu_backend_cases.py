@@ -111,6 +111,25 @@ def test_topk(impl, k, dtype, shape):
     assert torch.equal(hard_idx.cpu(), indices[:, 0].cpu())
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_batched_hard_assignment(impl, dtype, normalize):
+    """B problems at once (one launch on the GPU) against the reference, each on its own."""
+    dt = DTYPES[dtype]
+    p64, c64 = make(3, 37, 59, dtype=torch.float64), make(3, 301, 59, dtype=torch.float64)
+    indices, scores = vs.assign(p64.to(DEVICE, dt), c64.to(DEVICE, dt), hard=True, normalize=normalize, impl=impl)
+    _, ref_scores = ref.assign(p64.to(dt), c64.to(dt), hard=True, normalize=normalize)
+    truth = ref.assign(p64, c64, hard=True, normalize=normalize)[1]
+    assert_error_bound(scores.cpu().double(), ref_scores.double(), truth, name="batched hard scores",
+                       slack=_slack(dt))
+    all_scores = (torch.nn.functional.normalize(p64, dim=-1) @ torch.nn.functional.normalize(c64, dim=-1).mT
+                  if normalize else p64 @ c64.mT)
+    # the chosen centroid's true score is the best one, up to the inputs' rounding
+    assert_error_bound(all_scores.gather(2, indices.cpu()[..., None])[..., 0], ref_scores.double(), truth,
+                       name="batched hard indices", slack=_slack(dt))
+
+
 @pytest.mark.parametrize("k", [13, 200])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("impl", GPU_IMPLS)

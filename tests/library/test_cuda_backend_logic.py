@@ -187,3 +187,14 @@ def test_soft_assign_and_centroid_sums_orchestration(backends_pair):
     for c_ in range(7):
         assert_matches(sums[c_], points[labels == c_].sum(0), tol=1e-6, name="sums")
         assert counts[c_] == (labels == c_).sum()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_batched_hard_assignment_orchestration(backends_pair, normalize):
+    fused, chunked = backends_pair
+    points, centroids = make(3, 29, 11), make(3, 40, 11)
+    sim = SimilarityOptions(1.0, normalize)
+    indices, scores = fused.batched_argmax(points, centroids, sim)
+    ref_indices, ref_scores = chunked.batched_argmax(points, centroids, sim)
+    assert_matches(scores, ref_scores, tol=1e-5, name="scores")
+    assert torch.equal(indices, ref_indices)

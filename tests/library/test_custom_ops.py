@@ -22,6 +22,7 @@ ALL_OPS = {
     "similarity_cross_entropy", "similarity_cross_entropy_backward",
     "similarity_topk", "similarity_topk_backward",
     "soft_assign", "soft_assign_backward",
+    "batched_argmax",
 }
 
 
@@ -137,7 +138,8 @@ def test_opcheck_assign(impl, batched, grad):
     points, centroids = make(*lead, N, D, requires_grad=need_p), make(*lead, K, D, requires_grad=need_c)
     rec = _check(lambda: _backward(vf.assign(points, centroids, temperature=0.5, impl=impl)))
     assert ("soft_assign_backward" in rec.names) == (grad != "none")
-    _check(lambda: vf.assign(points, centroids, hard=True, impl=impl))
+    rec = _check(lambda: _backward(vf.assign(points, centroids, hard=True, impl=impl)[1]))
+    assert ("batched_argmax" in rec.names) == batched
 
 
 @pytest.mark.parametrize("which", ["hidden", "bases"])
@@ -172,6 +174,7 @@ def test_opcheck_cases_cover_every_op(impl):
         _backward(vf.similarity_cross_entropy(hidden, bases, make_targets((N,), V), reduction="none", impl=impl)),
         _backward(vf.similarity_topk(hidden, bases, 3, impl=impl)[0]),
         _backward(vf.assign(points, centroids, impl=impl)),
+        _backward(vf.assign(points, centroids, hard=True, impl=impl)[1]),
     ])
     for name in ALL_OPS:
         assert hasattr(OPS, name), f"torch.ops.vocabsem_fast.{name} is not registered"

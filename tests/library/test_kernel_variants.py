@@ -43,7 +43,7 @@ def test_every_launcher_choice_is_listed(dtype):
         assert key(similarity._ce_forward_kernel, constexprs, similarity.forward_config(n, dtype)) in listed
         for k in variants.TOPK_KS:
             constexprs = similarity.topk_constexprs(dtype, normalize, k, interpreting=False)
-            assert key(similarity._topk_kernel, constexprs, similarity.topk_config(n)) in listed
+            assert key(similarity._topk_kernel, constexprs, similarity.topk_config(n, dtype)) in listed
     for col_scale, smooth, grad in itertools.product((True, False), repeat=3):
         constexprs = similarity.epilogue_constexprs(col_scale, smooth, grad)
         assert key(similarity._strip_epilogue_kernel, constexprs, similarity.EPILOGUE) in listed

@@ -24,7 +24,7 @@ def _similarity():
 @pytest.mark.parametrize("kernel", ["forward", "topk"])
 def test_every_sm_has_a_program_and_the_splits_tile_the_vocabulary(kernel, sms, v, n):
     s = _similarity()
-    config = s.forward_config(n) if kernel == "forward" else s.topk_config(n)
+    config = s.forward_config(n) if kernel == "forward" else s.topk_config(n)  # the bf16 / fp16 configurations
     (row_blocks, splits), split_cols = s.split_grid(n, v, config["BLOCK_N"], config["BLOCK_V"], sms)
     assert row_blocks * splits >= sms, f"{row_blocks} x {splits} programs for {sms} SMs"
     assert row_blocks * config["BLOCK_N"] >= n > (row_blocks - 1) * config["BLOCK_N"]

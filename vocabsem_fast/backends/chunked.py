@@ -245,6 +245,15 @@ class TorchBackend(Backend):
             dc = c_norm.backward(dcn).view(centroids.shape).to(centroids.dtype)
         return dp, dc
 
+    def batched_argmax(self, points, centroids, sim):
+        acc = accumulate_dtype(points.dtype)
+        indices = torch.empty(points.shape[:2], dtype=torch.long, device=points.device)
+        scores = torch.empty(points.shape[:2], dtype=acc, device=points.device)
+        for b in range(points.shape[0]):  # each problem its own chunked top-1
+            values, best = self.topk(points[b], centroids[b], 1, sim)
+            scores[b], indices[b] = values[:, 0], best[:, 0]
+        return indices, scores
+
     # --- k-means update --------------------------------------------------------------------------
     def centroid_sums(self, points, labels, clusters):
         acc = accumulate_dtype(points.dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..options import SimilarityOptions
+from ..options import SimilarityOptions, accumulate_dtype
 from .chunked import TorchBackend
 from .interface import Backend, Capabilities
 from .normalization import normalization_backward
@@ -80,7 +80,7 @@ class CpuBackend(Backend):
     capabilities = Capabilities(
         devices=("cpu",),
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-        ops=frozenset({"cross_entropy", "topk"}),
+        ops=frozenset({"cross_entropy", "topk", "batched_argmax"}),
         # the C++ top-k keeps each row's best k sorted and inserts by shifting: cheap for the k of
         # decoding, lenses and hard assignment; a larger k runs on the torch backend
         max_topk=64,
@@ -109,6 +109,14 @@ class CpuBackend(Backend):
     def topk(self, hidden, bases, k: int, sim: SimilarityOptions):
         return tuple(self.ext.similarity_topk(hidden, bases, k, sim.scale, sim.normalize, sim.eps,
                                               current_tiles().max_elements))
+
+    def batched_argmax(self, points, centroids, sim):
+        indices = torch.empty(points.shape[:2], dtype=torch.long)
+        scores = torch.empty(points.shape[:2], dtype=accumulate_dtype(points.dtype))
+        for b in range(points.shape[0]):  # a function call per problem: the C++ top-1 of each
+            values, best = self.topk(points[b], centroids[b], 1, sim)
+            scores[b], indices[b] = values[:, 0], best[:, 0]
+        return indices, scores
 
     def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
         # one gather per picked basis: the torch form is already the whole computation

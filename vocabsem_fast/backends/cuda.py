@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..options import SimilarityOptions
 from .interface import Backend, Capabilities
-from .strips import AtenGemms, merge_topk, mm_f32, strip_cross_entropy
+from .strips import AtenGemms, bmm_f32, merge_topk, mm_f32, strip_cross_entropy
 
 STRIP_ELEMENTS = 1 << 27  # fp32 scores per strip: 512 MiB
 MIN_SPLIT_COLUMNS = 128  # a vocabulary split gives each of a block's 256 threads at least half a column
@@ -72,7 +72,7 @@ class CudaBackend(Backend):
         self.capabilities = Capabilities(
             devices=("cuda",),
             dtypes=(torch.float32, torch.bfloat16, torch.float16),
-            ops=frozenset({"cross_entropy", "topk", "soft_assign", "centroid_sums"}),
+            ops=frozenset({"cross_entropy", "topk", "soft_assign", "batched_argmax", "centroid_sums"}),
             max_topk=ext.cuda_max_topk,
             max_soft_assign_k=ext.cuda_max_soft_assign_k,
             topk_needs_positive_scale=True,  # taken entries are marked -inf, which a negative scale flips
@@ -110,6 +110,30 @@ class CudaBackend(Backend):
             values[r0:r1], indices[r0:r1] = merge_topk(part_v.permute(1, 0, 2).reshape(r1 - r0, -1),
                                                        part_i.permute(1, 0, 2).reshape(r1 - r0, -1), k)
         return values, indices
+
+    def batched_argmax(self, points, centroids, sim: SimilarityOptions):
+        """All B problems in each launch: one batched GEMM per strip of rows, the inverse norms
+        applied to its (B, R, K) scores, one split top-1 over the B x R rows."""
+        p, c = points.contiguous(), centroids.contiguous()
+        batch, n, d = p.shape
+        k = c.shape[1]
+        inv_p = self._inverse(p.view(-1, d), sim)
+        inv_c = self._inverse(c.view(-1, d), sim)
+        indices = torch.empty(batch, n, dtype=torch.int64, device=p.device)
+        scores = torch.empty(batch, n, dtype=torch.float32, device=p.device)
+        rows_per_strip = max(1, STRIP_ELEMENTS // max(batch * k, 1))
+        for r0 in range(0, n, rows_per_strip):
+            r1 = min(n, r0 + rows_per_strip)
+            tile = bmm_f32(p[:, r0:r1], c.transpose(1, 2))  # (B, R, K)
+            if inv_p is not None:
+                tile.mul_(inv_p.view(batch, n)[:, r0:r1, None]).mul_(inv_c.view(batch, k)[:, None, :])
+            flat = tile.view(batch * (r1 - r0), k)
+            splits = vocabulary_splits(flat.shape[0], k, _sms(p.device))
+            part_v, part_i = self.ext.cuda_topk_partial(flat, sim.scale, None, None, 1, splits)
+            best, where = merge_topk(part_v.permute(1, 0, 2).reshape(flat.shape[0], -1),
+                                     part_i.permute(1, 0, 2).reshape(flat.shape[0], -1), 1)
+            scores[:, r0:r1], indices[:, r0:r1] = best.view(batch, -1), where.view(batch, -1)
+        return indices, scores
 
     def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
         from .chunked import TorchBackend  # noqa: PLC0415  (gathers of k bases: the torch form is the computation)

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..options import LossOptions, SimilarityOptions
 
 # The ops of the interface. A backward belongs to its forward: a backend that runs one runs both.
-OPS = ("logits", "cross_entropy", "topk", "soft_assign", "centroid_sums")
+OPS = ("logits", "cross_entropy", "topk", "soft_assign", "batched_argmax", "centroid_sums")
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -93,6 +93,11 @@ class Backend:
 
     def soft_assign_backward(self, grad: Tensor, probs: Tensor, points: Tensor, centroids: Tensor,
                              sim: SimilarityOptions, need_points: bool, need_centroids: bool):
+        raise NotImplementedError
+
+    def batched_argmax(self, points: Tensor, centroids: Tensor, sim: SimilarityOptions) -> tuple[Tensor, Tensor]:
+        """Hard assignment of B problems at once: (B, N, d) points against (B, K, d) centroids ->
+        (B, N) int64 indices and (B, N) scores of each point's best centroid."""
         raise NotImplementedError
 
     def centroid_sums(self, points: Tensor, labels: Tensor, clusters: int) -> tuple[Tensor, Tensor]:

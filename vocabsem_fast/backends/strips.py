@@ -121,6 +121,16 @@ def mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return result if out is None else out.copy_(result)
 
 
+def bmm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """Batched a @ b with an fp32 result."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    try:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return torch.bmm(a.float(), b.float())
+
+
 def add_mm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b into an fp32 accumulator without an (m, n) temporary where torch allows."""
     if a.dtype == torch.float32:

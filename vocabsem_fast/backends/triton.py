@@ -61,7 +61,7 @@ class TritonBackend(Backend):
         self.capabilities = Capabilities(
             devices=("cuda", "cpu"),  # CPU tensors only under the Triton interpreter
             dtypes=(torch.float32, torch.bfloat16, torch.float16),
-            ops=frozenset({"cross_entropy", "topk", "soft_assign"}),
+            ops=frozenset({"cross_entropy", "topk", "soft_assign", "batched_argmax"}),
             max_topk=triton_similarity.MAX_TOPK,
             max_soft_assign_k=triton_similarity.MAX_SOFT_ASSIGN_K,
             gradients_in_forward=True,
@@ -91,6 +91,15 @@ class TritonBackend(Backend):
         hidden, bases = hidden.contiguous(), bases.contiguous()
         return self.triton_similarity.topk(hidden, bases, self._inverse(hidden, sim), self._inverse(bases, sim),
                                            sim.scale, k)
+
+    def batched_argmax(self, points, centroids, sim: SimilarityOptions):
+        points, centroids = points.contiguous(), centroids.contiguous()
+        inv_p = self._inverse(points.reshape(-1, points.shape[-1]), sim)
+        inv_c = self._inverse(centroids.reshape(-1, centroids.shape[-1]), sim)
+        values, indices = self.triton_similarity.batched_topk(
+            points, centroids, None if inv_p is None else inv_p.view(points.shape[:2]),
+            None if inv_c is None else inv_c.view(centroids.shape[:2]), sim.scale, 1)
+        return indices[..., 0], values[..., 0]
 
     def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
         return self._torch.topk_backward(grad_values, hidden, bases, indices, sim, need_hidden, need_bases)
