@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import Shape  # noqa: E402  (the benchmarks' shape record)
 
 
 @dataclass(frozen=True)
@@ -36,14 +40,6 @@ class Gpu:
 
 H200 = Gpu("H200", 989e12, 4.8e12, 132, 1.98e9)
 A100 = Gpu("A100", 312e12, 2.0e12, 108, 1.41e9)
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    n: int
-    d: int
-    v: int
 
 
 TRAINING = [Shape("SmolLM2", 2048, 576, 49152), Shape("Llama-3", 8192, 4096, 128256),
