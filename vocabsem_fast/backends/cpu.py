@@ -38,16 +38,28 @@ class CpuStripKernels:
         return self.ext.row_norms(x).clamp_min_(eps).reciprocal_()
 
     @staticmethod
-    def _chunks(bases: Tensor, acc: torch.dtype):
-        """(start, stop, rows in acc): the bases whole when already in acc, else converted in chunks."""
-        if bases.dtype == acc:
+    def _chunks(bases: Tensor, dtype: torch.dtype):
+        """(start, stop, rows in dtype): fp32 / fp64 bases whole, others a chunk at a time (converted
+        to ``dtype`` when it differs)."""
+        if bases.dtype == dtype and dtype in (torch.float32, torch.float64):
             yield 0, bases.shape[0], bases
             return
         for c0 in range(0, bases.shape[0], CONVERT_ROWS):
             c1 = min(bases.shape[0], c0 + CONVERT_ROWS)
-            yield c0, c1, bases[c0:c1].to(acc)
+            yield c0, c1, bases[c0:c1].to(dtype)
+
+    @staticmethod
+    def _native(x: Tensor) -> bool:
+        """bf16 GEMMs run natively (oneDNN, AVX512-BF16 / AMX) on their own inputs."""
+        return x.dtype == torch.bfloat16
 
     def scores(self, rows, bases, out):
+        if self._native(bases):
+            # bf16 x bf16 on oneDNN, a V-chunk at a time; each chunk's product is rounded to bf16
+            # (as the naive bf16 path rounds its logits) and lands in the fp32 strip
+            for c0, c1, chunk in self._chunks(bases, bases.dtype):
+                out[:, c0:c1] = torch.mm(rows, chunk.T)
+            return
         rows = rows.to(out.dtype)
         for c0, c1, chunk in self._chunks(bases, out.dtype):
             torch.mm(rows, chunk.T, out=out[:, c0:c1])
@@ -57,18 +69,32 @@ class CpuStripKernels:
         safe = torch.where(valid, targets, 0)
         return self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, weight, smoothing)
 
-    def grad_rows(self, tile, bases, out):
-        for c0, c1, chunk in self._chunks(bases, tile.dtype):
-            if c0 == 0:
-                torch.mm(tile[:, c0:c1], chunk, out=out)
-            else:
-                out.addmm_(tile[:, c0:c1], chunk)
-
-    def add_grad_bases(self, acc, tile, rows, first):
-        if first:
-            torch.mm(tile.T, rows, out=acc)
-        else:
-            acc.addmm_(tile.T, rows)
+    def gradient_products(self, tile, bases, rows, grad_rows, grad_bases, first):
+        native = self._native(bases)
+        if not native:
+            rows = rows.to(tile.dtype)
+        if grad_rows is not None:
+            grad_rows.zero_()
+        for c0, c1, chunk in self._chunks(bases, bases.dtype if native else tile.dtype):
+            # a V-chunk of the tile, cast once for both GEMMs (bf16: oneDNN, fp32 sums across chunks)
+            part = tile[:, c0:c1].to(chunk.dtype)
+            if grad_rows is not None:
+                if native:
+                    grad_rows += torch.mm(part, chunk)
+                else:
+                    grad_rows.addmm_(part, chunk)
+            if grad_bases is not None:
+                target = grad_bases[c0:c1]
+                if native:  # a bf16 product, added into the fp32 gradient
+                    product = torch.mm(part.T, rows)
+                    if first:
+                        target.copy_(product)
+                    else:
+                        target.add_(product)
+                elif first:
+                    torch.mm(part.T, rows, out=target)
+                else:
+                    target.addmm_(part.T, rows)
 
     def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
         return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv,

@@ -42,11 +42,10 @@ class StripKernels(Protocol):
         """Per-row (loss, lse) of logits ``scores * row_scale[r] * col_scale[c]`` (loss 0 where
         ignored); with ``weight``, scores <- the gradient tile, in place."""
 
-    def grad_rows(self, tile: Tensor, bases: Tensor, out: Tensor) -> None:
-        """out (R, d) <- tile @ bases."""
-
-    def add_grad_bases(self, acc: Tensor, tile: Tensor, rows: Tensor, first: bool) -> None:
-        """acc (V, d) <- tile.T @ rows (first strip) or += it."""
+    def gradient_products(self, tile: Tensor, bases: Tensor, rows: Tensor, grad_rows: Tensor | None,
+                          grad_bases: Tensor | None, first: bool) -> None:
+        """grad_rows (R, d) <- tile @ bases; grad_bases (V, d) <- tile.T @ rows on the first strip,
+        += it on the others (either may be None: not wanted). ``rows`` in the inputs' dtype."""
 
     def normalization_backward(self, x: Tensor, inv: Tensor, grad: Tensor, eps: float,
                                grad_times_inv: bool) -> Tensor:
@@ -87,13 +86,12 @@ def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, ta
         per_row[r0:r1], lse[r0:r1] = kernels.epilogue(
             tile, row_scale[r0:r1], inv_b, targets[r0:r1], loss.ignore_index,
             tile_weight[r0:r1] if need_grad else None, loss.label_smoothing)
-        if need_hidden:
-            kernels.grad_rows(tile, bases, grad_h[r0:r1])
-        if need_bases:
-            rows = hidden[r0:r1].to(acc)
-            if inv_h is not None:
-                rows = rows * inv_h[r0:r1, None]
-            kernels.add_grad_bases(grad_b, tile, rows, first=r0 == 0)
+        if need_grad:
+            rows = hidden[r0:r1]
+            if need_bases and inv_h is not None:  # the strip's normalised rows, in the inputs' dtype
+                rows = (rows.to(acc) * inv_h[r0:r1, None]).to(hidden.dtype)
+            kernels.gradient_products(tile, bases, rows, grad_h[r0:r1] if need_hidden else None,
+                                      grad_b if need_bases else None, first=r0 == 0)
     del buffer
     if need_bases and n == 0:
         grad_b.zero_()  # no strip ran: the gradient is zero
@@ -149,14 +147,14 @@ class AtenGemms:
     def scores(self, rows, bases, out):
         mm_f32(rows, bases.T, out=out)
 
-    def grad_rows(self, tile, bases, out):
-        mm_f32(tile.to(bases.dtype), bases, out=out)
-
-    def add_grad_bases(self, acc, tile, rows, first):
-        dtype = acc.dtype if rows.dtype == acc.dtype else rows.dtype
-        if first:
-            acc.zero_()
-        add_mm_f32(acc, tile.to(dtype).T, rows.to(dtype))
+    def gradient_products(self, tile, bases, rows, grad_rows, grad_bases, first):
+        tile = tile.to(bases.dtype)  # one cast serves both GEMMs
+        if grad_rows is not None:
+            mm_f32(tile, bases, out=grad_rows)
+        if grad_bases is not None:
+            if first:
+                grad_bases.zero_()
+            add_mm_f32(grad_bases, tile.T, rows)
 
 
 def merge_topk(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
