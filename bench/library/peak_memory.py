@@ -1,6 +1,6 @@
 """Peak extra resident memory of one workload, measured in a fresh process.
 
-``python bench/library/peak_memory.py CONTENDER SHAPE MODE`` prints one JSON line:
+``python bench/library/peak_memory.py CONTENDER SHAPE MODE [fp32|bf16]`` prints one JSON line:
 ``{"extra_peak_bytes", "workspace_bytes", "input_bytes"}`` (workspace = extra peak less
 the gradients, which fwd+bwd must return). The process builds the inputs, runs the
 workload once to warm up, resets the kernel's high-water mark (``/proc/self/clear_refs``), runs
@@ -26,16 +26,17 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(contender: str, shape_name: str, mode: str) -> dict:
+def measure(contender: str, shape_name: str, mode: str, dtype: str = "fp32") -> dict:
     """Run this file in a fresh interpreter and return what it measured."""
     env = {**os.environ, **MALLOC_ENV}
     out = subprocess.run(
-        [sys.executable, __file__, contender, shape_name, mode], env=env, check=True, capture_output=True, text=True
+        [sys.executable, __file__, contender, shape_name, mode, dtype], env=env, check=True, capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _main(contender: str, shape_name: str, mode: str) -> None:
+def _main(contender: str, shape_name: str, mode: str, dtype: str = "fp32") -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import gc
 
@@ -47,7 +48,7 @@ def _main(contender: str, shape_name: str, mode: str) -> None:
         points, centroids = workloads.assignment_inputs()
         hidden, bases, targets = points, centroids, torch.empty(0)
     else:
-        hidden, bases, targets = workloads.make_inputs(workloads.SHAPES[shape_name])
+        hidden, bases, targets = workloads.make_inputs(workloads.SHAPES[shape_name], workloads.DTYPES[dtype])
 
     def run():
         if mode == "hard_assign":
@@ -72,4 +73,4 @@ def _main(contender: str, shape_name: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(*sys.argv[1:4])
+    _main(*sys.argv[1:5])
