@@ -85,6 +85,9 @@ std::vector<at::Tensor> similarity_topk(const at::Tensor& hidden, const at::Tens
   at::Tensor tile_buffer = at::empty({block_rows, chunk}, opts);
   std::vector<int64_t> filled(block_rows);
 
+  // bf16 inputs multiply natively (oneDNN): the scaled rows and each product are rounded to bf16,
+  // as the naive bf16 path rounds its normalised inputs and logits; other dtypes compute in acc.
+  const bool native_bf16 = hidden.scalar_type() == at::kBFloat16;
   AT_DISPATCH_FLOATING_TYPES(acc, "similarity_topk", [&] {
     for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
       const int64_t rows = std::min(block_rows, n - r0);
@@ -95,10 +98,15 @@ std::vector<at::Tensor> similarity_topk(const at::Tensor& hidden, const at::Tens
       } else if (scale != 1.0) {
         Hb = Hb * scale;
       }
+      if (native_bf16) Hb = Hb.to(at::kBFloat16);
       for (int64_t c0 = 0; c0 < v; c0 += chunk) {
         const int64_t cols = std::min(chunk, v - c0);
         at::Tensor tile = tile_buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(tile, Hb, bases.narrow(0, c0, cols).to(acc).t());
+        if (native_bf16) {
+          tile.copy_(at::mm(Hb, bases.narrow(0, c0, cols).t()));
+        } else {
+          at::mm_out(tile, Hb, bases.narrow(0, c0, cols).to(acc).t());
+        }
         scan_tile<scalar_t>(tile.data_ptr<scalar_t>(), rows, cols, tile.stride(0), c0,
                             normalize ? inv_b.data_ptr<scalar_t>() : nullptr, k,
                             values.data_ptr<scalar_t>() + r0 * k, indices.data_ptr<int64_t>() + r0 * k,
