@@ -2,11 +2,12 @@
 
 Cross-entropy runs the strip algorithm (``strips.py``) with ATen GEMMs and the C++ SIMD strip
 epilogue; a reduced loss gets its gradients from the forward pass (three GEMMs in all) and the
-autograd backward only scales them. A forward without gradients runs the chunked online
-log-sum-exp of the torch backend, whose tiles stay in cache (measured faster than a
-full-vocabulary strip: bench/results/foundation-cpu.md). Top-k (and so hard assignment) scans
-GEMM tiles with a running per-row top-k in C++. Logits, soft assignment and the k-means update
-are not fused here: the registry runs them on the torch backend.
+autograd backward only scales them. bf16 inputs multiply natively (oneDNN). A forward without
+gradients runs the strips too for bf16, and for fp32 / fp16 the chunked online log-sum-exp of the
+torch backend, whose tiles stay in cache (measured faster than a full-vocabulary strip in fp32:
+bench/results/foundation-cpu.md). Top-k (and so hard assignment) scans GEMM tiles with a running
+per-row top-k in C++. Logits, soft assignment and the k-means update are not fused here: the
+registry runs them on the torch backend.
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ class CpuBackend(Backend):
 
     def cross_entropy(self, hidden, bases, targets, sim, loss, weight=None, need_hidden=False, need_bases=False):
         if weight is None or not (need_hidden or need_bases):
+            if self.kernels._native(bases):  # bf16: native GEMMs on strips beat fp32 chunks
+                return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, None, False, False,
+                                           self._strip_elements())
             return self._online.cross_entropy(hidden, bases, targets, sim, loss)
         return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, weight, need_hidden, need_bases,
                                    self._strip_elements())
