@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.strips import merge_topk
+from ..backends.strips import merge_topk, sm_count
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -48,7 +48,6 @@ TOPK_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=64, num_warps=4, num_stages
 EPILOGUE = dict(BLOCK_V=1024, num_warps=4, num_stages=1)
 ASSIGN = dict(BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=2)
 FEW_ROWS = 16  # at most this many rows: the *_FEW_ROWS configurations
-H200_SMS = 132  # the SM count assumed where no GPU is asked (the interpreter, ahead-of-time checks)
 
 
 @triton.jit
@@ -284,13 +283,6 @@ def epilogue_grid(rows: int) -> tuple[int]:
 
 def soft_assign_grid(batch: int, n: int) -> tuple[int, int]:
     return (triton.cdiv(n, ASSIGN["BLOCK_N"]), batch)
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (an H200's 132 where there is no GPU to ask)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return H200_SMS
 
 
 # --- launchers -----------------------------------------------------------------------------------

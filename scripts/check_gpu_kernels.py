@@ -48,7 +48,7 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": int(found[1]), "stack": int(found[2]), "static_shared": int(found[3])}
 
 
-def _mma(ptx: str, arch: int) -> str:
+def _mma(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
     if "mma.sync" in ptx:
@@ -89,7 +89,7 @@ def compile_triton(index: int, arch: int) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v.options))
         row.update(_resources(compiled.asm["cubin"]))
         row["dynamic_shared"] = int(compiled.metadata.shared)
-        row["mma"] = _mma(compiled.asm["ptx"], arch)
+        row["mma"] = _mma(compiled.asm["ptx"])
         row["has_dot"] = "tt.dot" in compiled.asm["ttir"]
         if row["stack"] > 0:
             row["stack_without_workaround"] = _stack_without_workaround(compiled.asm["ptx"], arch)

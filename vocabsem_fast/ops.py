@@ -110,11 +110,14 @@ def _row_upstream(grad: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return torch.where(valid, grad.expand(valid.shape), 0.0)
 
 
-def _forward_gradients(impl: str, reduction: str, hidden: Tensor, grad_hidden: bool,
+def _cross_entropy_backend(impl: str, hidden: Tensor) -> backends.Backend:
+    return backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
+
+
+def _forward_gradients(backend: backends.Backend, reduction: str, grad_hidden: bool,
                        grad_bases: bool) -> tuple[bool, bool]:
     """Which gradients the cross-entropy op returns from its forward pass: those asked for, when
     the loss is reduced and the backend forms them there (data-independent, so the fake agrees)."""
-    backend = backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
     early = reduction != "none" and backend.capabilities.gradients_in_forward
     return early and grad_hidden, early and grad_bases
 
@@ -128,8 +131,8 @@ def _cross_entropy_op(
     loss from the forward pass; a backend that cannot (or "none") returns empty ones and the
     backward op recomputes."""
     check_target_range(targets, bases.shape[0], ignore_index)
-    backend = backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
-    early_hidden, early_bases = _forward_gradients(impl, reduction, hidden, grad_hidden, grad_bases)
+    backend = _cross_entropy_backend(impl, hidden)
+    early_hidden, early_bases = _forward_gradients(backend, reduction, grad_hidden, grad_bases)
     valid = targets != ignore_index
     weight = None
     if early_hidden or early_bases:
@@ -148,7 +151,8 @@ def _(hidden, bases, targets, scale, normalize, eps, ignore_index, reduction, la
     acc = accumulate_dtype(hidden.dtype)
     n = hidden.shape[0]
     loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
-    dh, db = _fake_grads(hidden, bases, *_forward_gradients(impl, reduction, hidden, grad_hidden, grad_bases))
+    dh, db = _fake_grads(hidden, bases, *_forward_gradients(_cross_entropy_backend(impl, hidden), reduction,
+                                                            grad_hidden, grad_bases))
     return loss, hidden.new_empty(n, dtype=acc), dh, db
 
 
@@ -158,8 +162,7 @@ def _cross_entropy_backward_op(
     eps: float, ignore_index: int, label_smoothing: float, impl: str, need_hidden: bool, need_bases: bool,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``sum_i row_weight_i * loss_i`` (``row_weight`` zero where the target is ignored)."""
-    backend = backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
-    dh, db = backend.cross_entropy_backward(
+    dh, db = _cross_entropy_backend(impl, hidden).cross_entropy_backward(
         row_weight, hidden, bases, targets, lse, SimilarityOptions(scale, normalize, eps),
         LossOptions(ignore_index, label_smoothing), need_hidden, need_bases,
     )
@@ -175,38 +178,33 @@ def _(row_weight, hidden, bases, targets, lse, scale, normalize, eps, ignore_ind
 def _lse_target_terms_backward(grad_lse: Tensor, hidden: Tensor, bases: Tensor, targets: Tensor, scale: float,
                                normalize: bool, eps: float, smoothing: float, need_hidden: bool, need_bases: bool):
     """Gradients of ``sum_i g_i ((1 - ls) z[i, t_i] + ls / V sum_j z[i, j])``: what the log-sum-exp
-    adds to a row's loss beyond the loss itself (lse = loss + those terms), in O((N + V) d)."""
+    adds to a row's loss beyond the loss itself (lse = loss + those terms), in O((N + V) d). The
+    target term is a top-1 score with index t_i, so the top-k backward gives it."""
     acc = accumulate_dtype(hidden.dtype)
     g = grad_lse.to(acc)
+    sim = SimilarityOptions(scale, normalize, eps)
+    dh, db = backends.get("torch").topk_backward((g * (1.0 - smoothing))[:, None], hidden, bases, targets[:, None],
+                                                 sim, need_hidden, need_bases)
+    if smoothing == 0:
+        return dh, db
+    # sum_j z[i, j] = scale * hn_i . sum_j bn_j: a rank-one term on each side
+    e = g * (scale * smoothing / bases.shape[0])
     inv_h = inverse_norms(hidden, eps) if normalize else None
     inv_b = inverse_norms(bases, eps) if normalize else None
-    hn = hidden.to(acc) if inv_h is None else hidden.to(acc) * inv_h[:, None]
-    picked = bases[targets].to(acc)
-    if inv_b is not None:
-        picked = picked * inv_b[targets, None]
-    c = g * (scale * (1.0 - smoothing))
-    dhn = picked * c[:, None] if need_hidden else None
-    dbn = None
-    if need_bases:
-        dbn = torch.zeros(bases.shape, dtype=acc, device=bases.device)
-        dbn.index_add_(0, targets, hn * c[:, None])
-    if smoothing > 0:
-        e = g * (scale * smoothing / bases.shape[0])
-        if need_hidden:  # sum_j of the (normalised) bases, a V-chunk at a time
-            total = torch.zeros(bases.shape[1], dtype=acc, device=bases.device)
-            step = 1 << 14
-            for c0 in range(0, bases.shape[0], step):
-                chunk = bases[c0:c0 + step].to(acc)
-                total += chunk.sum(0) if inv_b is None else inv_b[c0:c0 + step] @ chunk
-            dhn.addcmul_(e[:, None], total[None, :])
-        if need_bases:
-            dbn += (e[:, None] * hn).sum(0)
-    dh = db = None
     if need_hidden:
-        dh = dhn.to(hidden.dtype) if inv_h is None else normalization_backward(hidden, inv_h, dhn, eps)
+        total = torch.zeros(bases.shape[1], dtype=acc, device=bases.device)
+        step = 1 << 14  # the (normalised) bases summed a V-chunk at a time
+        for c0 in range(0, bases.shape[0], step):
+            chunk = bases[c0:c0 + step].to(acc)
+            total += chunk.sum(0) if inv_b is None else inv_b[c0:c0 + step] @ chunk
+        dhn = e[:, None] * total[None, :]
+        part = dhn if inv_h is None else normalization_backward(hidden, inv_h, dhn, eps, out=dhn)
+        dh = dh + part.to(hidden.dtype)
     if need_bases:
-        db = dbn if inv_b is None else normalization_backward(bases, inv_b, dbn, eps, out=dbn)
-        db = db.to(bases.dtype)
+        hn = hidden.to(acc) if inv_h is None else hidden.to(acc) * inv_h[:, None]
+        dbn = ((e[:, None] * hn).sum(0)).expand(bases.shape).contiguous()
+        part = dbn if inv_b is None else normalization_backward(bases, inv_b, dbn, eps, out=dbn)
+        db = db + part.to(bases.dtype)
     return dh, db
 
 
@@ -219,7 +217,7 @@ def _cross_entropy_setup(ctx, inputs, output):
     # Unused outputs get None as their gradient, not zeros: zeros_like(db) would be a V x d buffer.
     ctx.set_materialize_grads(False)
     impl, reduction = options[-3], options[-5]
-    precomputed = any(_forward_gradients(impl, reduction, hidden, options[-2], options[-1]))
+    precomputed = any(_forward_gradients(_cross_entropy_backend(impl, hidden), reduction, options[-2], options[-1]))
     # In eager mode gradients formed in the forward pass stay outside the saved tensors: the first
     # backward scales them in place and drops them, so no second gradient-sized buffer exists (a
     # later backward under retain_graph finds none and recomputes). Tracers (torch.compile,
@@ -277,8 +275,7 @@ def _topk_op(
     hidden: Tensor, bases: Tensor, k: int, scale: float, normalize: bool, eps: float, impl: str
 ) -> tuple[Tensor, Tensor]:
     backend = backends.select(impl, "topk", hidden.device, hidden.dtype, k=k, scale=scale)
-    values, indices = backend.topk(hidden, bases, k, SimilarityOptions(scale, normalize, eps))
-    return values.to(accumulate_dtype(hidden.dtype)), indices
+    return backend.topk(hidden, bases, k, SimilarityOptions(scale, normalize, eps))
 
 
 @_topk_op.register_fake
@@ -347,32 +344,18 @@ def _batched_argmax_setup(ctx, inputs, output):
 
 
 def _batched_argmax_autograd(ctx, grad_scores, grad_indices):
-    """A score is the cosine (or dot) of a point with its chosen centroid: O(B N d) to differentiate."""
+    """The top-1 backward of each problem: row norms are per row, so the B problems are one top-k
+    of (B N) rows against (B K) centroids whose chosen indices are offset by problem."""
     points, centroids, indices = ctx.saved_tensors
-    acc = accumulate_dtype(points.dtype)
-    batch, n, d = points.shape
     if grad_scores is None:
         return None, None, None, None, None
-    flat_p = points.reshape(-1, d)
-    chosen_rows = (indices + torch.arange(batch, device=points.device)[:, None] * centroids.shape[1]).reshape(-1)
-    flat_c = centroids.reshape(-1, d)
-    inv_p = inverse_norms(flat_p, ctx.eps) if ctx.normalize else None
-    inv_c = inverse_norms(flat_c, ctx.eps) if ctx.normalize else None
-    pn = flat_p.to(acc) if inv_p is None else flat_p.to(acc) * inv_p[:, None]
-    cn = flat_c[chosen_rows].to(acc)
-    if inv_c is not None:
-        cn = cn * inv_c[chosen_rows, None]
-    g = grad_scores.reshape(-1, 1).to(acc)
-    dp = dc = None
-    if ctx.needs_input_grad[0]:
-        dpn = g * cn
-        dp = dpn if inv_p is None else normalization_backward(flat_p, inv_p, dpn, ctx.eps)
-        dp = dp.to(points.dtype).view(points.shape)
-    if ctx.needs_input_grad[1]:
-        dcn = torch.zeros(flat_c.shape, dtype=acc, device=points.device).index_add_(0, chosen_rows, g * pn)
-        dc = dcn if inv_c is None else normalization_backward(flat_c, inv_c, dcn, ctx.eps, out=dcn)
-        dc = dc.to(centroids.dtype).view(centroids.shape)
-    return dp, dc, None, None, None
+    batch, n, d = points.shape
+    chosen = indices + torch.arange(batch, device=points.device)[:, None] * centroids.shape[1]
+    dp, dc = backends.get("torch").topk_backward(
+        grad_scores.reshape(-1, 1), points.reshape(-1, d), centroids.reshape(-1, d), chosen.reshape(-1, 1),
+        SimilarityOptions(1.0, ctx.normalize, ctx.eps), *ctx.needs_input_grad[:2])
+    return (None if dp is None else dp.view(points.shape), None if dc is None else dc.view(centroids.shape),
+            None, None, None)
 
 
 _batched_argmax_op.register_autograd(_batched_argmax_autograd, setup_context=_batched_argmax_setup)

@@ -10,8 +10,6 @@ import torch
 
 from vocabsem_fast import cache
 
-pytest.importorskip("safetensors")
-
 
 def _tensors() -> dict[str, torch.Tensor]:
     return {"a": torch.randn(7, 5), "b": torch.randint(0, 100, (3,)), "empty": torch.empty(0, 4)}

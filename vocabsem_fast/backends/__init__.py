@@ -44,10 +44,6 @@ _EXTENSION, _EXTENSION_REASON = _import_extension()
 TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1" and not torch.cuda.is_available()
 
 
-def _cpu_reason() -> str | None:
-    return _EXTENSION_REASON
-
-
 def _cuda_reason() -> str | None:
     if _EXTENSION is None:
         return _EXTENSION_REASON
@@ -94,7 +90,7 @@ class Entry:
 REGISTRY: tuple[Entry, ...] = (
     Entry("cuda", ("cuda",), _cuda_reason(), _build_cuda),
     Entry("triton", ("cuda",), _triton_reason(), _build_triton),
-    Entry("cpu", ("cpu",), _cpu_reason(), _build_cpu),
+    Entry("cpu", ("cpu",), _EXTENSION_REASON, _build_cpu),
     Entry("torch", ("cpu", "cuda"), None, TorchBackend),
 )
 _ENTRIES = {entry.name: entry for entry in REGISTRY}

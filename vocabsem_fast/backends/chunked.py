@@ -246,13 +246,7 @@ class TorchBackend(Backend):
         return dp, dc
 
     def batched_argmax(self, points, centroids, sim):
-        acc = accumulate_dtype(points.dtype)
-        indices = torch.empty(points.shape[:2], dtype=torch.long, device=points.device)
-        scores = torch.empty(points.shape[:2], dtype=acc, device=points.device)
-        for b in range(points.shape[0]):  # each problem its own chunked top-1
-            values, best = self.topk(points[b], centroids[b], 1, sim)
-            scores[b], indices[b] = values[:, 0], best[:, 0]
-        return indices, scores
+        return batched_argmax_by_topk(self, points, centroids, sim)
 
     # --- k-means update --------------------------------------------------------------------------
     def centroid_sums(self, points, labels, clusters):
@@ -260,3 +254,15 @@ class TorchBackend(Backend):
         sums = torch.zeros(clusters, points.shape[1], dtype=acc, device=points.device)
         sums.index_add_(0, labels, points.to(acc))
         return sums, torch.bincount(labels, minlength=clusters).to(acc)
+
+
+def batched_argmax_by_topk(backend: Backend, points: Tensor, centroids: Tensor,
+                           sim: SimilarityOptions) -> tuple[Tensor, Tensor]:
+    """Hard assignment of B problems as B calls of ``backend.topk`` with k = 1 (a backend whose
+    calls cost no launch: the torch and cpu backends)."""
+    indices = torch.empty(points.shape[:2], dtype=torch.long, device=points.device)
+    scores = torch.empty(points.shape[:2], dtype=accumulate_dtype(points.dtype), device=points.device)
+    for b in range(points.shape[0]):
+        values, best = backend.topk(points[b], centroids[b], 1, sim)
+        scores[b], indices[b] = values[:, 0], best[:, 0]
+    return indices, scores

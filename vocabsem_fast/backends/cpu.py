@@ -15,11 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..options import SimilarityOptions, accumulate_dtype
-from .chunked import TorchBackend
+from ..options import SimilarityOptions
+from .chunked import TorchBackend, batched_argmax_by_topk
 from .interface import Backend, Capabilities
-from .normalization import normalization_backward
-from .strips import strip_cross_entropy
+from .strips import TorchNormalization, strip_cross_entropy
 from .tiles import current_tiles
 
 # A strip holds R x V scores; measured best near 4 chunked tiles (64 MiB of float32 at the
@@ -29,8 +28,8 @@ STRIP_TILES = 4
 CONVERT_ROWS = 4096
 
 
-class CpuStripKernels:
-    """The strip algorithm's pieces on the CPU: ATen GEMMs and the C++ epilogue."""
+class CpuStripKernels(TorchNormalization):
+    """The strip algorithm's pieces on the CPU: ATen GEMMs, C++ row norms and the C++ epilogue."""
 
     def __init__(self, ext):
         self.ext = ext
@@ -97,10 +96,6 @@ class CpuStripKernels:
                 else:
                     target.addmm_(part.T, rows)
 
-    def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
-        return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv,
-                                      out=grad if grad.dtype == x.dtype else None)
-
 
 class CpuBackend(Backend):
     name = "cpu"
@@ -141,12 +136,7 @@ class CpuBackend(Backend):
                                               current_tiles().max_elements))
 
     def batched_argmax(self, points, centroids, sim):
-        indices = torch.empty(points.shape[:2], dtype=torch.long)
-        scores = torch.empty(points.shape[:2], dtype=accumulate_dtype(points.dtype))
-        for b in range(points.shape[0]):  # a function call per problem: the C++ top-1 of each
-            values, best = self.topk(points[b], centroids[b], 1, sim)
-            scores[b], indices[b] = values[:, 0], best[:, 0]
-        return indices, scores
+        return batched_argmax_by_topk(self, points, centroids, sim)  # the C++ top-1 of each problem
 
     def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
         # one gather per picked basis: the torch form is already the whole computation

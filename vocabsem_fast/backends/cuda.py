@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from ..options import SimilarityOptions
+from .chunked import TorchBackend
 from .interface import Backend, Capabilities
-from .strips import AtenGemms, bmm_f32, merge_topk, mm_f32, strip_cross_entropy
+from .strips import AtenGemms, bmm_f32, merge_topk, mm_f32, sm_count, strip_cross_entropy
 
 STRIP_ELEMENTS = 1 << 27  # fp32 scores per strip: 512 MiB
 MIN_SPLIT_COLUMNS = 128  # a vocabulary split gives each of a block's 256 threads at least half a column
-H200_SMS = 132  # the SM count assumed where no GPU is asked (tests of the orchestration on the CPU)
 
 
 def vocabulary_splits(rows: int, cols: int, sms: int) -> int:
@@ -30,12 +30,6 @@ def vocabulary_splits(rows: int, cols: int, sms: int) -> int:
     for one block per SM when the rows alone are fewer, none narrower than MIN_SPLIT_COLUMNS."""
     wanted = -(-sms // max(rows, 1))
     return max(1, min(wanted, cols // MIN_SPLIT_COLUMNS, 65535))
-
-
-def _sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return H200_SMS
 
 
 class CudaStripKernels(AtenGemms):
@@ -50,7 +44,7 @@ class CudaStripKernels(AtenGemms):
     def epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing):
         rows, vocab = scores.shape
         row_scale, targets = row_scale.contiguous(), targets.contiguous()
-        splits = vocabulary_splits(rows, vocab, _sms(scores.device))
+        splits = vocabulary_splits(rows, vocab, sm_count(scores.device))
         partial = self.ext.cuda_lse_partial(scores, 1.0, row_scale, col_scale, targets, smoothing, splits)
         lse, loss = self.ext.cuda_lse_finish(partial, targets, ignore_index, smoothing, vocab)
         if weight is not None:
@@ -69,6 +63,7 @@ class CudaBackend(Backend):
     def __init__(self, ext):
         self.ext = ext
         self.kernels = CudaStripKernels(ext)
+        self._torch = TorchBackend()
         self.capabilities = Capabilities(
             devices=("cuda",),
             dtypes=(torch.float32, torch.bfloat16, torch.float16),
@@ -104,7 +99,7 @@ class CudaBackend(Backend):
         for r0 in range(0, n, rows_per_strip):
             r1 = min(n, r0 + rows_per_strip)
             scores = mm_f32(h[r0:r1], b.T)
-            splits = vocabulary_splits(r1 - r0, v, _sms(h.device))
+            splits = vocabulary_splits(r1 - r0, v, sm_count(h.device))
             part_v, part_i = self.ext.cuda_topk_partial(scores, sim.scale, None if inv_h is None else inv_h[r0:r1],
                                                         inv_b, k, splits)
             values[r0:r1], indices[r0:r1] = merge_topk(part_v.permute(1, 0, 2).reshape(r1 - r0, -1),
@@ -128,7 +123,7 @@ class CudaBackend(Backend):
             if inv_p is not None:
                 tile.mul_(inv_p.view(batch, n)[:, r0:r1, None]).mul_(inv_c.view(batch, k)[:, None, :])
             flat = tile.view(batch * (r1 - r0), k)
-            splits = vocabulary_splits(flat.shape[0], k, _sms(p.device))
+            splits = vocabulary_splits(flat.shape[0], k, sm_count(p.device))
             part_v, part_i = self.ext.cuda_topk_partial(flat, sim.scale, None, None, 1, splits)
             best, where = merge_topk(part_v.permute(1, 0, 2).reshape(flat.shape[0], -1),
                                      part_i.permute(1, 0, 2).reshape(flat.shape[0], -1), 1)
@@ -136,9 +131,8 @@ class CudaBackend(Backend):
         return indices, scores
 
     def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
-        from .chunked import TorchBackend  # noqa: PLC0415  (gathers of k bases: the torch form is the computation)
-
-        return TorchBackend().topk_backward(grad_values, hidden, bases, indices, sim, need_hidden, need_bases)
+        # gathers of k bases per row: the torch form is the whole computation
+        return self._torch.topk_backward(grad_values, hidden, bases, indices, sim, need_hidden, need_bases)
 
     # --- soft assignment ---------------------------------------------------------------------------
     def _soft_inputs(self, points, centroids, sim):

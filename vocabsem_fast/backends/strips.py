@@ -20,12 +20,14 @@ object; the orchestration below is the same for both.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from ..options import LossOptions, SimilarityOptions, accumulate_dtype
+from .normalization import inverse_norms, normalization_backward
 
 
 class StripKernels(Protocol):
@@ -138,6 +140,29 @@ def add_mm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     except (TypeError, RuntimeError):
         acc += mm_f32(a, b)
+
+
+class TorchNormalization:
+    """Inverse norms and the normalisation backward in torch (in place on an accumulate-dtype
+    gradient): the strip pieces of every backend without norm kernels of its own."""
+
+    def inverse_norms(self, x, eps):
+        return inverse_norms(x, eps)
+
+    def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
+        return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv,
+                                      out=grad if grad.dtype == x.dtype else None)
+
+
+H200_SMS = 132  # the SM count assumed where no GPU is asked (the interpreter, tests of the geometry)
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H200's 132 where there is no GPU to ask)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H200_SMS
 
 
 class AtenGemms:

@@ -24,28 +24,21 @@ import torch
 from ..options import SimilarityOptions
 from .chunked import TorchBackend
 from .interface import Backend, Capabilities
-from .normalization import inverse_norms, normalization_backward
-from .strips import AtenGemms, strip_cross_entropy
+from .normalization import inverse_norms
+from .strips import AtenGemms, TorchNormalization, strip_cross_entropy
 
 STRIP_ELEMENTS = 1 << 27  # fp32 scores per strip: 512 MiB on a GPU
 
 
-class TritonStripKernels(AtenGemms):
-    """The strip algorithm's pieces: cuBLAS GEMMs (ATen) and the Triton strip epilogue."""
+class TritonStripKernels(AtenGemms, TorchNormalization):
+    """The strip algorithm's pieces: cuBLAS GEMMs (ATen), torch norms and the Triton strip epilogue."""
 
     def __init__(self, triton_similarity):
         self.triton_similarity = triton_similarity
 
-    def inverse_norms(self, x, eps):
-        return inverse_norms(x, eps)
-
     def epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing):
         return self.triton_similarity.strip_epilogue(scores, row_scale, col_scale, targets, ignore_index, weight,
                                                      smoothing)
-
-    def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
-        return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv,
-                                      out=grad if grad.dtype == x.dtype else None)
 
 
 class TritonBackend(Backend):
