@@ -47,13 +47,19 @@ def main() -> None:
 
     machine = data["machine_info"]
     threads = {b["extra_info"].get("threads") for b in data["benchmarks"]} - {None}
+    rounds = "/".join(str(r) for r in sorted({b["extra_info"].get("rounds", 3) for b in data["benchmarks"]}))
     header = (f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor'))}, "
               f"{machine.get('cpu', {}).get('count', '?')} logical CPUs (torch threads {sorted(threads)}); "
               f"Python {machine.get('python_version')}; torch {torch.__version__}; "
               f"commit {data.get('commit_info', {}).get('id', '?')[:10]}; {data.get('datetime')}\n\n"
-              "Times are medians of 3 rounds after 1 warm-up (pytest-benchmark). Extra peak: resident\n"
+              f"Times are medians of {rounds} rounds after 1 warm-up (pytest-benchmark). Extra peak: resident\n"
               "memory above the inputs in a fresh process (bench/library/peak_memory.py); workspace: that less the\n"
               "returned gradients. GFLOP/s counts the GEMM work (1 product forward, 3 for forward+backward).\n")
+    isa = machine.get("cpu_isa")
+    if isa:
+        header += (f"CPU flags {', '.join(isa['cpu_flags'])}; torch CPU capability {isa['torch_cpu_capability']}; "
+                   f"oneDNN ISA: {isa['onednn_isa']}; bf16 GEMM: {'; '.join(isa['onednn_matmuls'])}; "
+                   f"fp16 GEMM on oneDNN: {isa['fp16_on_onednn']}.\n")
     text = header + "\n" + table(data)
     print(text)
     if args.out:

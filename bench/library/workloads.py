@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 import vocabsem_fast as vs
+from vocabsem_fast.backends.tiles import tile_config
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ def cross_entropy_step(contender: str, hidden, bases, targets, *, backward: bool
         loss = _compiled_reference()(h, b, targets, scale=SCALE)
     elif contender == "linear_cross_entropy":
         loss = _linear_cross_entropy(h, b, targets)
+    elif contender == "cpu_rows":  # the cpu backend's three-GEMM row plan, whatever its workspace
+        with tile_config(strip_plan="rows"):
+            loss = vs.similarity_cross_entropy(h, b, targets, scale=SCALE, impl="cpu")
+            if backward:
+                loss.backward()
+        return loss.detach()
     else:
         loss = vs.similarity_cross_entropy(h, b, targets, scale=SCALE, impl=contender)
     if backward:

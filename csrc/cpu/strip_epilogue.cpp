@@ -1,5 +1,7 @@
 // The strip epilogue in three passes over each row while it sits in L2: (1) row and column
-// scales, running max and sum; (2) exp and its sum; (3) the gradient tile.
+// scales, running max and sum; (2) exp and its sum; (3) the gradient tile. A bf16 strip (the
+// product of native bf16 GEMMs) is widened a row at a time into a float32 scratch row, so the
+// arithmetic is float32 either way and the gradient tile is rounded to bf16 once.
 //
 // The float32 passes are written with GCC vector extensions so that they are SIMD whatever the
 // auto-vectoriser decides: one body, instantiated for 16 lanes in an AVX-512 function, 8 lanes
@@ -12,6 +14,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <vector>
 
 namespace vocabsem {
 namespace {
@@ -150,21 +154,70 @@ VS_INLINE void gradient_in_place(float* row, int64_t cols, const float* inv_b, f
 
 template <typename acc_t>
 struct RowArgs {
-  acc_t* row;
+  acc_t* row;           // the row in float (a scratch row when the strip is stored in bf16)
+  uint16_t* bf16_row;   // the bf16 row of the strip, or null
   int64_t cols;
   acc_t row_scale;
   const acc_t* inv_b;
-  int64_t target;
+  int64_t target;       // the target's column within this strip (outside [0, cols) in another chunk)
   bool valid;
   const acc_t* weight;
   acc_t ls;
   acc_t* loss;
   acc_t* lse;
+  const acc_t* lse_in;  // column-chunk mode: the row's lse over the vocabulary
+  int64_t vocab;
 };
 
-// Loss, lse and (when weight is given) the gradient row, from the three passes above.
+// bf16 <-> float32 for a row: a bf16 is the top half of a float32; the way back rounds to
+// nearest even and keeps NaN a (quiet) NaN.
+template <typename V, typename U32, typename U16>
+VS_INLINE V load_bf16(const uint16_t* p) {
+  U16 h;
+  std::memcpy(&h, p, sizeof(U16));
+  return __builtin_bit_cast(V, __builtin_convertvector(h, U32) << 16);
+}
+
+template <typename V, typename U32, typename U16>
+VS_INLINE void store_bf16(uint16_t* p, V v) {
+  const U32 b = __builtin_bit_cast(U32, v);
+  const U32 rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  const U16 h = __builtin_convertvector(v != v ? (b >> 16) | 0x40u : rounded, U16);
+  std::memcpy(p, &h, sizeof(U16));
+}
+
+VS_INLINE float bf16_scalar(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof(float));
+  return x;
+}
+
+VS_INLINE uint16_t to_bf16_scalar(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(float));
+  return static_cast<uint16_t>(x != x ? (b >> 16) | 0x40u : (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+template <typename V, typename U32, typename U16>
+VS_INLINE void bf16_to_f32(const uint16_t* in, float* out, int64_t cols) {
+  constexpr int64_t W = sizeof(V) / sizeof(float);
+  int64_t j = 0;
+  for (; j + W <= cols; j += W) store(out + j, load_bf16<V, U32, U16>(in + j));
+  for (; j < cols; ++j) out[j] = bf16_scalar(in[j]);
+}
+
+template <typename V, typename U32, typename U16>
+VS_INLINE void f32_to_bf16(const float* in, uint16_t* out, int64_t cols) {
+  constexpr int64_t W = sizeof(V) / sizeof(float);
+  int64_t j = 0;
+  for (; j + W <= cols; j += W) store_bf16<V, U32, U16>(out + j, load<V>(in + j));
+  for (; j < cols; ++j) out[j] = to_bf16_scalar(in[j]);
+}
+
+// Whole-row mode: loss, lse and (when weight is given) the gradient row, from the three passes above.
 template <typename V, typename I>
-VS_INLINE void epilogue_row_f32(const RowArgs<float>& a) {
+VS_INLINE void whole_row_f32(const RowArgs<float>& a) {
   float row_max, row_sum;
   bool has_nan;
   scale_max_sum<V, I>(a.row, a.cols, a.row_scale, a.inv_b, row_max, row_sum, has_nan);
@@ -173,7 +226,7 @@ VS_INLINE void epilogue_row_f32(const RowArgs<float>& a) {
   const float shift = row_max == -std::numeric_limits<float>::infinity() ? 0.0f : row_max;
   const float sum_exp = exp_in_place<V, I>(a.row, a.cols, shift);
   const float row_lse = shift + std::log(sum_exp);
-  const float v = static_cast<float>(a.cols);
+  const float v = static_cast<float>(a.vocab);
   *a.lse = row_lse;
   *a.loss = a.valid ? row_lse - (1 - a.ls) * picked - (a.ls > 0 ? a.ls * row_sum / v : 0.0f) : 0.0f;
   if (a.weight == nullptr) return;
@@ -186,62 +239,155 @@ VS_INLINE void epilogue_row_f32(const RowArgs<float>& a) {
   a.row[a.target] -= w * (1 - a.ls) * (a.inv_b != nullptr ? a.inv_b[a.target] : 1.0f);
 }
 
+// Column-chunk mode: the chunk's gradient tile (w exp(z - lse) - w ls / V) / |b_c| (the target's
+// column less w (1 - ls) / |b_t|) in one pass over the stored row, bf16 or float32, with the lse
+// already known. The target element is formed from its raw score kept aside, so a bf16 tile is
+// rounded once there too.
+template <typename V, typename I, typename U32, typename U16, bool BF16>
+VS_INLINE void chunk_row_f32(const RowArgs<float>& a) {
+  constexpr int64_t W = sizeof(V) / sizeof(float);
+  const float w = *a.weight;
+  if (!a.valid || w == 0) {
+    if (BF16)
+      std::memset(a.bf16_row, 0, sizeof(uint16_t) * a.cols);
+    else
+      std::memset(a.row, 0, sizeof(float) * a.cols);
+    return;
+  }
+  const bool has_target = a.target >= 0 && a.target < a.cols;
+  const float raw_target = !has_target ? 0.0f : BF16 ? bf16_scalar(a.bf16_row[a.target]) : a.row[a.target];
+  const float lse = *a.lse_in, offset = w * a.ls / static_cast<float>(a.vocab);
+  auto element = [&](float raw, float inv) { return (w * std::exp(raw * a.row_scale * inv - lse) - offset) * inv; };
+  int64_t j = 0;
+  for (; j + W <= a.cols; j += W) {
+    const V raw = BF16 ? load_bf16<V, U32, U16>(a.bf16_row + j) : load<V>(a.row + j);
+    const V inv = a.inv_b != nullptr ? load<V>(a.inv_b + j) : splat<V>(1.0f);
+    const V g = (vexp<V, I>(raw * (inv * a.row_scale) - lse) * w - offset) * inv;
+    if (BF16)
+      store_bf16<V, U32, U16>(a.bf16_row + j, g);
+    else
+      store(a.row + j, g);
+  }
+  for (; j < a.cols; ++j) {
+    const float inv = a.inv_b != nullptr ? a.inv_b[j] : 1.0f;
+    if (BF16)
+      a.bf16_row[j] = to_bf16_scalar(element(bf16_scalar(a.bf16_row[j]), inv));
+    else
+      a.row[j] = element(a.row[j], inv);
+  }
+  if (has_target) {
+    const float inv = a.inv_b != nullptr ? a.inv_b[a.target] : 1.0f;
+    const float g = element(raw_target, inv) - w * (1 - a.ls) * inv;
+    if (BF16)
+      a.bf16_row[a.target] = to_bf16_scalar(g);
+    else
+      a.row[a.target] = g;
+  }
+}
+
+template <typename V, typename I, typename U32, typename U16>
+VS_INLINE void epilogue_row_f32(const RowArgs<float>& a) {
+  if (a.lse_in != nullptr) {  // straight from the strip, no scratch row
+    if (a.bf16_row != nullptr)
+      chunk_row_f32<V, I, U32, U16, true>(a);
+    else
+      chunk_row_f32<V, I, U32, U16, false>(a);
+    return;
+  }
+  if (a.bf16_row != nullptr) bf16_to_f32<V, U32, U16>(a.bf16_row, a.row, a.cols);
+  whole_row_f32<V, I>(a);
+  if (a.bf16_row != nullptr && a.weight != nullptr) f32_to_bf16<V, U32, U16>(a.row, a.bf16_row, a.cols);
+}
+
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x4 __attribute__((vector_size(16)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef uint16_t u16x4 __attribute__((vector_size(8)));
 
-__attribute__((target("avx512f"))) void row_avx512(const RowArgs<float>& a) { epilogue_row_f32<f32x16, i32x16>(a); }
-__attribute__((target("avx2,fma"))) void row_avx2(const RowArgs<float>& a) { epilogue_row_f32<f32x8, i32x8>(a); }
-void row_sse2(const RowArgs<float>& a) { epilogue_row_f32<f32x4, i32x4>(a); }
+__attribute__((target("avx512f,avx512bw"))) void row_avx512(const RowArgs<float>& a) {
+  epilogue_row_f32<f32x16, i32x16, u32x16, u16x16>(a);
+}
+__attribute__((target("avx2,fma"))) void row_avx2(const RowArgs<float>& a) {
+  epilogue_row_f32<f32x8, i32x8, u32x8, u16x8>(a);
+}
+void row_sse2(const RowArgs<float>& a) { epilogue_row_f32<f32x4, i32x4, u32x4, u16x4>(a); }
 
 using RowFn = void (*)(const RowArgs<float>&);
 
 RowFn pick_row_fn() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return row_avx512;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return row_avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return row_avx2;
   return row_sse2;
 }
 
 // float64: plain loops (correctness checks and gradcheck, not speed).
 void epilogue_row_f64(const RowArgs<double>& a) {
-  double row_max = -std::numeric_limits<double>::infinity(), row_sum = 0;
-  bool has_nan = false;
-  for (int64_t j = 0; j < a.cols; ++j) {
-    a.row[j] *= a.row_scale * (a.inv_b != nullptr ? a.inv_b[j] : 1.0);
-    row_max = a.row[j] > row_max ? a.row[j] : row_max;
-    row_sum += a.row[j];
-    has_nan |= a.row[j] != a.row[j];
+  const double v = static_cast<double>(a.vocab);
+  auto scale = [&] {
+    double row_max = -std::numeric_limits<double>::infinity(), row_sum = 0;
+    bool has_nan = false;
+    for (int64_t j = 0; j < a.cols; ++j) {
+      a.row[j] *= a.row_scale * (a.inv_b != nullptr ? a.inv_b[j] : 1.0);
+      row_max = a.row[j] > row_max ? a.row[j] : row_max;
+      row_sum += a.row[j];
+      has_nan |= a.row[j] != a.row[j];
+    }
+    return std::make_tuple(has_nan ? std::numeric_limits<double>::quiet_NaN() : row_max, row_sum);
+  };
+  auto gradient = [&](double coef, double shift) {
+    for (int64_t j = 0; j < a.cols; ++j)
+      a.row[j] = (coef * std::exp(a.row[j] - shift) - *a.weight * a.ls / v) * (a.inv_b != nullptr ? a.inv_b[j] : 1.0);
+    if (a.target >= 0 && a.target < a.cols)
+      a.row[a.target] -= *a.weight * (1 - a.ls) * (a.inv_b != nullptr ? a.inv_b[a.target] : 1.0);
+  };
+  const bool zero_gradient = a.weight != nullptr && (!a.valid || *a.weight == 0);
+  if (a.lse_in != nullptr) {  // column-chunk mode
+    if (zero_gradient) {
+      std::memset(a.row, 0, sizeof(double) * a.cols);
+      return;
+    }
+    scale();
+    gradient(*a.weight, *a.lse_in);
+    return;
   }
-  if (has_nan) row_max = std::numeric_limits<double>::quiet_NaN();
+  const auto [row_max, row_sum] = scale();
   const double picked = a.row[a.target];
   const double shift = row_max == -std::numeric_limits<double>::infinity() ? 0.0 : row_max;
   double sum_exp = 0;
-  for (int64_t j = 0; j < a.cols; ++j) sum_exp += (a.row[j] = std::exp(a.row[j] - shift));
-  const double row_lse = shift + std::log(sum_exp), v = static_cast<double>(a.cols);
+  for (int64_t j = 0; j < a.cols; ++j) sum_exp += std::exp(a.row[j] - shift);
+  const double row_lse = shift + std::log(sum_exp);
   *a.lse = row_lse;
   *a.loss = a.valid ? row_lse - (1 - a.ls) * picked - (a.ls > 0 ? a.ls * row_sum / v : 0.0) : 0.0;
   if (a.weight == nullptr) return;
-  const double w = *a.weight;
-  if (!a.valid || w == 0) {
+  if (zero_gradient) {
     std::memset(a.row, 0, sizeof(double) * a.cols);
     return;
   }
-  const double coef = w / sum_exp, offset = w * a.ls / v;
-  for (int64_t j = 0; j < a.cols; ++j)
-    a.row[j] = (coef * a.row[j] - offset) * (a.inv_b != nullptr ? a.inv_b[j] : 1.0);
-  a.row[a.target] -= w * (1 - a.ls) * (a.inv_b != nullptr ? a.inv_b[a.target] : 1.0);
+  gradient(*a.weight / sum_exp, shift);
 }
 
 template <typename acc_t, typename Fn>
 void run(const StripEpilogue<acc_t>& e, Fn row_fn) {
+  const int64_t vocab = e.lse_in != nullptr ? e.vocab : e.cols;
   at::parallel_for(0, e.rows, 1, [&](int64_t begin, int64_t end) {
+    // a bf16 row widened to float (the column-chunk mode works on the stored row directly)
+    std::vector<acc_t> scratch(e.scores_bf16 != nullptr && e.lse_in == nullptr ? e.cols : 0);
     for (int64_t r = begin; r < end; ++r) {
-      row_fn(RowArgs<acc_t>{e.scores + r * e.ld, e.cols, e.row_scale[r], e.inv_b, e.targets[r], e.valid[r],
-                            e.weight ? e.weight + r : nullptr, e.label_smoothing, e.loss + r, e.lse + r});
+      acc_t* row = e.scores_bf16 != nullptr ? scratch.data() : e.scores + r * e.ld;
+      uint16_t* bf16_row = e.scores_bf16 != nullptr ? e.scores_bf16 + r * e.ld : nullptr;
+      row_fn(RowArgs<acc_t>{row, bf16_row, e.cols, e.row_scale[r], e.inv_b, e.targets[r] - e.col_offset,
+                            e.valid[r], e.weight ? e.weight + r : nullptr, e.label_smoothing,
+                            e.loss ? e.loss + r : nullptr, e.lse ? e.lse + r : nullptr,
+                            e.lse_in ? e.lse_in + r : nullptr, vocab});
     }
   });
 }

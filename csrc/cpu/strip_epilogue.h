@@ -5,11 +5,17 @@
 namespace vocabsem {
 
 // Inputs/outputs of one strip, float32 or float64 (acc_t). All pointers are to R rows
-// (row stride ld) except the per-row vectors (length R) and inv_b (length V, or null when the
+// (row stride ld) except the per-row vectors (length R) and inv_b (length cols, or null when the
 // bases are not normalised). The logits are scores * row_scale[r] * inv_b[c].
+//
+// Two modes. Whole rows (lse_in null): the strip spans the vocabulary; per-row loss and lse
+// out and, with a weight, the gradient tile in place. A column chunk (lse_in given, weight
+// required): columns [col_offset, col_offset + cols) of a vocabulary of `vocab`, the rows' lse
+// known from a previous pass; only the chunk's gradient tile is written.
 template <typename acc_t>
 struct StripEpilogue {
   acc_t* scores;             // in: raw hidden . bases; out: the gradient tile G' (or exp scores when no grad)
+  uint16_t* scores_bf16;     // instead of scores (float32 only): bfloat16 storage, computed in float32
   int64_t rows, cols, ld;
   const acc_t* row_scale;    // per row: scale / max(|h_r|, eps) (or the scale alone)
   const acc_t* inv_b;        // 1 / max(|B_j|, eps), folded into scores and into G'
@@ -19,6 +25,8 @@ struct StripEpilogue {
   acc_t label_smoothing;
   acc_t* loss;               // out, per row (0 where ignored)
   acc_t* lse;                // out, per row
+  const acc_t* lse_in;       // column-chunk mode: the rows' log-sum-exp over the whole vocabulary
+  int64_t col_offset, vocab;  // column-chunk mode: where the chunk starts, the vocabulary size
 };
 
 void run_strip_epilogue(const StripEpilogue<float>& e);

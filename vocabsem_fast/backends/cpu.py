@@ -15,86 +15,107 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..options import SimilarityOptions
+from ..options import SimilarityOptions, accumulate_dtype
 from .chunked import TorchBackend, batched_argmax_by_topk
 from .interface import Backend, Capabilities
 from .strips import TorchNormalization, strip_cross_entropy
 from .tiles import current_tiles
 
-# A strip holds R x V scores; measured best near 4 chunked tiles (64 MiB of float32 at the
-# default tile) at the SmolLM2 shape: GEMMs with R in the hundreds, epilogue rows in L2.
+# The strips' workspace: 4 chunked tiles (64 MiB), measured best at the SmolLM2 shape in float32
+# (GEMMs with R in the hundreds, epilogue rows in L2). It also bounds the plan: the three-GEMM row
+# plan runs where its strip and bases accumulator fit, the four-GEMM column plan elsewhere.
 STRIP_TILES = 4
-# Half-precision bases are converted to float32 this many rows at a time inside the GEMMs.
+# Half-precision bases without a native GEMM (fp16) are widened to float32 this many rows at a time.
 CONVERT_ROWS = 4096
 
 
 class CpuStripKernels(TorchNormalization):
-    """The strip algorithm's pieces on the CPU: ATen GEMMs, C++ row norms and the C++ epilogue."""
+    """The strip algorithm's pieces on the CPU: ATen GEMMs, C++ row norms and the C++ epilogue.
+
+    bf16 multiplies natively (oneDNN: AVX512-BF16 / AMX), fp32 accumulation inside the GEMM; its
+    scores stay bf16 (rounded once, as the naive bf16 path rounds its logits) and the epilogue
+    widens them a row at a time. fp16 has no native CPU GEMM here and runs in float32."""
 
     def __init__(self, ext):
         self.ext = ext
+
+    @staticmethod
+    def _native(dtype: torch.dtype) -> bool:
+        return dtype == torch.bfloat16
+
+    def score_dtype(self, dtype):
+        return dtype if self._native(dtype) else accumulate_dtype(dtype)
 
     def inverse_norms(self, x: Tensor, eps: float) -> Tensor:
         return self.ext.row_norms(x).clamp_min_(eps).reciprocal_()
 
     @staticmethod
     def _chunks(bases: Tensor, dtype: torch.dtype):
-        """(start, stop, rows in dtype): fp32 / fp64 bases whole, others a chunk at a time (converted
-        to ``dtype`` when it differs)."""
-        if bases.dtype == dtype and dtype in (torch.float32, torch.float64):
+        """(start, stop, rows in dtype): bases already in ``dtype`` whole, others a chunk at a time."""
+        if bases.dtype == dtype:
             yield 0, bases.shape[0], bases
             return
         for c0 in range(0, bases.shape[0], CONVERT_ROWS):
             c1 = min(bases.shape[0], c0 + CONVERT_ROWS)
             yield c0, c1, bases[c0:c1].to(dtype)
 
-    @staticmethod
-    def _native(x: Tensor) -> bool:
-        """bf16 GEMMs run natively (oneDNN, AVX512-BF16 / AMX) on their own inputs."""
-        return x.dtype == torch.bfloat16
-
     def scores(self, rows, bases, out):
-        if self._native(bases):
-            # bf16 x bf16 on oneDNN, a V-chunk at a time; each chunk's product is rounded to bf16
-            # (as the naive bf16 path rounds its logits) and lands in the fp32 strip
-            for c0, c1, chunk in self._chunks(bases, bases.dtype):
-                out[:, c0:c1] = torch.mm(rows, chunk.T)
-            return
-        rows = rows.to(out.dtype)
+        if out.dtype != rows.dtype:
+            rows = rows.to(out.dtype)
         for c0, c1, chunk in self._chunks(bases, out.dtype):
-            torch.mm(rows, chunk.T, out=out[:, c0:c1])
+            torch.mm(rows, chunk.T, out=out[:, c0:c1] if c1 - c0 < out.shape[1] else out)
 
     def epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing):
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)
         return self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, weight, smoothing)
 
-    def gradient_products(self, tile, bases, rows, grad_rows, grad_bases, first):
-        native = self._native(bases)
-        if not native:
-            rows = rows.to(tile.dtype)
-        if grad_rows is not None:
+    def chunk_epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing, lse, col_offset,
+                       vocab):
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, weight.contiguous(),
+                                     smoothing, lse=lse.contiguous(), col_offset=col_offset, vocab=vocab)
+
+    def gradient_products(self, tile, bases, rows, grad_rows, grad_bases, first_rows, first_bases):
+        if self._native(tile.dtype):
+            self._native_products(tile, bases, rows, grad_rows, grad_bases, first_rows, first_bases)
+            return
+        rows = rows.to(tile.dtype) if rows is not None else None
+        if grad_rows is not None and first_rows:
             grad_rows.zero_()
-        for c0, c1, chunk in self._chunks(bases, bases.dtype if native else tile.dtype):
-            # a V-chunk of the tile, cast once for both GEMMs (bf16: oneDNN, fp32 sums across chunks)
-            part = tile[:, c0:c1].to(chunk.dtype)
+        for c0, c1, chunk in self._chunks(bases, tile.dtype):
+            part = tile[:, c0:c1] if c1 - c0 < tile.shape[1] else tile
             if grad_rows is not None:
-                if native:
-                    grad_rows += torch.mm(part, chunk)
-                else:
-                    grad_rows.addmm_(part, chunk)
+                grad_rows.addmm_(part, chunk)
             if grad_bases is not None:
-                target = grad_bases[c0:c1]
-                if native:  # a bf16 product, added into the fp32 gradient
-                    product = torch.mm(part.T, rows)
-                    if first:
-                        target.copy_(product)
-                    else:
-                        target.add_(product)
-                elif first:
-                    torch.mm(part.T, rows, out=target)
+                if first_bases:
+                    torch.mm(part.T, rows, out=grad_bases[c0:c1])
                 else:
-                    target.addmm_(part.T, rows)
+                    grad_bases[c0:c1].addmm_(part.T, rows)
+
+    @staticmethod
+    def _native_products(tile, bases, rows, grad_rows, grad_bases, first_rows, first_bases):
+        """bf16 GEMMs; each product (rounded to bf16 once, as a bf16 GEMM's output is) lands in
+        the fp32 gradients, or is the bf16 gradient itself when nothing else adds to it. Added
+        products go CONVERT_ROWS rows at a time to bound their temporary."""
+        if grad_rows is not None:
+            product = torch.mm(tile, bases)
+            if first_rows:
+                grad_rows.copy_(product)
+            else:
+                grad_rows += product
+        if grad_bases is not None:
+            if first_bases and grad_bases.dtype == tile.dtype:  # straight into a bf16 gradient
+                torch.mm(tile.T, rows, out=grad_bases)
+                return
+            for c0 in range(0, bases.shape[0], CONVERT_ROWS):
+                c1 = min(bases.shape[0], c0 + CONVERT_ROWS)
+                product = torch.mm(tile[:, c0:c1].T, rows)
+                if first_bases:
+                    grad_bases[c0:c1].copy_(product)
+                else:
+                    grad_bases[c0:c1] += product
 
 
 class CpuBackend(Backend):
@@ -114,21 +135,22 @@ class CpuBackend(Backend):
         self.kernels = CpuStripKernels(ext)
         self._online = TorchBackend()  # the gradient-free forward (see the module docstring)
 
-    def _strip_elements(self) -> int:
-        return STRIP_TILES * current_tiles().max_elements
+    @staticmethod
+    def _workspace_bytes() -> int:
+        return STRIP_TILES * current_tiles().max_elements * 4
 
     def cross_entropy(self, hidden, bases, targets, sim, loss, weight=None, need_hidden=False, need_bases=False):
         if weight is None or not (need_hidden or need_bases):
-            if self.kernels._native(bases):  # bf16: native GEMMs on strips beat fp32 chunks
+            if self.kernels._native(bases.dtype):  # bf16: native GEMMs on strips beat fp32 chunks
                 return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, None, False, False,
-                                           self._strip_elements())
+                                           self._workspace_bytes())
             return self._online.cross_entropy(hidden, bases, targets, sim, loss)
         return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, weight, need_hidden, need_bases,
-                                   self._strip_elements())
+                                   self._workspace_bytes())
 
     def cross_entropy_backward(self, row_weight, hidden, bases, targets, lse, sim, loss, need_hidden, need_bases):
         _, _, dh, db = strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, row_weight, need_hidden,
-                                           need_bases, self._strip_elements())
+                                           need_bases, self._workspace_bytes())
         return dh, db
 
     def topk(self, hidden, bases, k: int, sim: SimilarityOptions):

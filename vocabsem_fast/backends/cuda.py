@@ -52,9 +52,10 @@ class CudaStripKernels(AtenGemms):
                                             smoothing, vocab, col_scale)
         return loss, lse
 
-    def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
-        return self.ext.cuda_normalization_backward(x.contiguous(), inv, grad.contiguous(), eps,
-                                                    grad_times_inv).to(x.dtype)
+    def normalization_backward(self, x, inv, grad, eps, grad_times_inv, out=None):
+        result = self.ext.cuda_normalization_backward(x.contiguous(), inv, grad.contiguous(), eps,
+                                                      grad_times_inv).to(x.dtype)
+        return result if out is None else out.copy_(result)
 
 
 class CudaBackend(Backend):
@@ -80,12 +81,13 @@ class CudaBackend(Backend):
     # --- cross-entropy ---------------------------------------------------------------------------
     def cross_entropy(self, hidden, bases, targets, sim, loss, weight=None, need_hidden=False, need_bases=False):
         h, b, t = hidden.contiguous(), bases.contiguous(), targets.contiguous()
-        return strip_cross_entropy(self.kernels, h, b, t, sim, loss, weight, need_hidden, need_bases, STRIP_ELEMENTS)
+        return strip_cross_entropy(self.kernels, h, b, t, sim, loss, weight, need_hidden, need_bases,
+                                   4 * STRIP_ELEMENTS)
 
     def cross_entropy_backward(self, row_weight, hidden, bases, targets, lse, sim, loss, need_hidden, need_bases):
         h, b, t = hidden.contiguous(), bases.contiguous(), targets.contiguous()
         _, _, dh, db = strip_cross_entropy(self.kernels, h, b, t, sim, loss, row_weight, need_hidden, need_bases,
-                                           STRIP_ELEMENTS)
+                                           4 * STRIP_ELEMENTS)
         return dh, db
 
     # --- top-k / hard assignment -----------------------------------------------------------------

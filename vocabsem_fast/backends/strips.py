@@ -1,6 +1,6 @@
 """The strip algorithm of the fused cross-entropy, shared by the cpu and cuda backends.
 
-Rows are processed in strips of R rows against the whole vocabulary, three GEMMs in all:
+Row plan (three GEMMs). Rows are processed in strips of R rows against the whole vocabulary:
 
 1. ``S = hidden[strip] @ bases.T`` on the raw inputs (fp32 accumulation);
 2. the device's epilogue folds in the scales (``scale / |h_r|`` per row, ``1 / |b_c|`` per
@@ -10,12 +10,19 @@ Rows are processed in strips of R rows against the whole vocabulary, three GEMMs
    ``G.T @ (hidden[strip] / |h|)`` accumulates ``|b|^-1`` times the gradient w.r.t. the
    normalised bases; the normalisation backward then runs once on each accumulated gradient.
 
-Inverse norms enter as scales, so no normalised copy of the bases exists; the strip (at most
-``strip_elements`` scores, but at least d/2 rows when the bases' gradient is wanted, so a large
-head's (V, d) gradient is swept only a few times) is the only workspace beyond the gradients.
+The bases' gradient sums over every strip, so this plan holds a (V, d) accumulator: free when the
+inputs are in the accumulation dtype (it is the returned gradient), V x d x 4 bytes otherwise.
 
-What differs between devices (the GEMMs, the epilogue, the norm kernels) is a ``StripKernels``
-object; the orchestration below is the same for both.
+Column plan (four GEMMs, bounded workspace). A first pass of row strips without gradients gives
+every row's log-sum-exp; then the vocabulary is walked in column chunks: each (rows x chunk) tile
+is recomputed and turned into its gradient tile with the known lse, the chunk's bases gradient
+is complete after its rows (normalisation backward, written out) and the hidden gradient, N x d,
+accumulates. ``choose_plan`` takes the rows when their workspace fits the budget.
+
+Inverse norms enter as scales, so no normalised copy of the bases exists. Scores may be kept in
+a narrower dtype than the accumulation dtype (bf16 on the CPU: the native GEMM's own output,
+widened a row at a time by the epilogue). What differs between devices (the GEMMs, the epilogue,
+the norm kernels) is a ``StripKernels`` object; the orchestration below is the same for all.
 """
 
 from __future__ import annotations
@@ -28,16 +35,27 @@ from torch import Tensor
 
 from ..options import LossOptions, SimilarityOptions, accumulate_dtype
 from .normalization import inverse_norms, normalization_backward
+from .tiles import current_tiles
+
+# The column plan's narrowest chunk (a GEMM dimension), and the least rows a row strip takes when
+# it accumulates the bases' gradient: each strip's G.T @ rows reads and writes that (V, d)
+# accumulator once, R / 4 flops per fp32 byte, compute-bound from about 128 rows on a CPU
+# (measured at the Llama-3 head in fp32: 130-row strips within 5% of one 1024-row strip).
+MIN_CHUNK_COLUMNS = 256
+MIN_ACCUMULATING_ROWS = 128
 
 
 class StripKernels(Protocol):
     """The device-specific pieces of the strip algorithm."""
 
+    def score_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the scores of ``dtype`` inputs are kept in (the accumulation dtype or narrower)."""
+
     def inverse_norms(self, x: Tensor, eps: float) -> Tensor:
         """1 / max(|row|, eps) in the accumulation dtype."""
 
     def scores(self, rows: Tensor, bases: Tensor, out: Tensor) -> None:
-        """out (R, V) <- rows @ bases.T, accumulated in out's dtype."""
+        """out (R, C) <- rows @ bases.T with fp32 accumulation, in out's dtype."""
 
     def epilogue(self, scores: Tensor, row_scale: Tensor, col_scale: Tensor | None, targets: Tensor,
                  ignore_index: int, weight: Tensor | None, smoothing: float) -> tuple[Tensor, Tensor]:
@@ -45,27 +63,60 @@ class StripKernels(Protocol):
         ignored); with ``weight``, scores <- the gradient tile, in place."""
 
     def gradient_products(self, tile: Tensor, bases: Tensor, rows: Tensor, grad_rows: Tensor | None,
-                          grad_bases: Tensor | None, first: bool) -> None:
-        """grad_rows (R, d) <- tile @ bases; grad_bases (V, d) <- tile.T @ rows on the first strip,
-        += it on the others (either may be None: not wanted). ``rows`` in the inputs' dtype."""
+                          grad_bases: Tensor | None, first_rows: bool, first_bases: bool) -> None:
+        """grad_rows (R, d) <- tile @ bases, grad_bases (C, d) <- tile.T @ rows: written when
+        ``first_*``, added otherwise (either may be None: not wanted). ``rows`` in the inputs' dtype."""
 
     def normalization_backward(self, x: Tensor, inv: Tensor, grad: Tensor, eps: float,
-                               grad_times_inv: bool) -> Tensor:
-        """Gradient w.r.t. the raw rows of ``x * inv`` (see ``normalization.normalization_backward``)."""
+                               grad_times_inv: bool, out: Tensor | None = None) -> Tensor:
+        """Gradient w.r.t. the raw rows of ``x * inv`` (see ``normalization.normalization_backward``),
+        into ``out`` when given."""
 
 
-def strip_rows(n: int, v: int, d: int, strip_elements: int, need_bases: bool) -> int:
-    """Rows per strip: ``strip_elements`` scores, but at least d/2 rows when the bases' gradient
-    is accumulated (each strip sweeps that (V, d) gradient once)."""
-    wanted = max(strip_elements // max(v, 1), d // 2 if need_bases else 1)
+class ChunkKernels(StripKernels, Protocol):
+    """Kernels that also run the column plan."""
+
+    def chunk_epilogue(self, scores: Tensor, row_scale: Tensor, col_scale: Tensor | None, targets: Tensor,
+                       ignore_index: int, weight: Tensor, smoothing: float, lse: Tensor, col_offset: int,
+                       vocab: int) -> None:
+        """scores (R, C), columns [col_offset, col_offset + C) of the vocabulary <- their gradient
+        tile, in place, given each row's lse over the whole vocabulary."""
+
+
+def strip_rows(n: int, v: int, d: int, strip_bytes: int, score_size: int, need_bases: bool) -> int:
+    """Rows per strip: ``strip_bytes`` of scores, but at least MIN_ACCUMULATING_ROWS when the
+    bases' gradient is accumulated (each strip sweeps that (V, d) gradient once)."""
+    wanted = max(strip_bytes // max(v * score_size, 1), MIN_ACCUMULATING_ROWS if need_bases else 1)
     return max(1, min(max(n, 1), wanted))
+
+
+def _accumulator_bytes(v: int, d: int, dtype: torch.dtype, need_bases: bool) -> int:
+    """The row plan's (V, d) bases accumulator beyond the returned gradient: none in the
+    accumulation dtype (the gradient itself accumulates), V x d x 4 bytes otherwise."""
+    acc = accumulate_dtype(dtype)
+    return v * d * acc.itemsize if need_bases and dtype != acc else 0
+
+
+def choose_plan(kernels, n: int, v: int, d: int, dtype: torch.dtype, need_bases: bool, workspace_bytes: int) -> str:
+    """"rows" or "columns" for a call with gradients (see the module docstring): the rows when
+    their accumulator and smallest strip fit ``workspace_bytes`` or the kernels have no column
+    plan; ``tile_config(strip_plan=...)`` forces one."""
+    if not hasattr(kernels, "chunk_epilogue"):
+        return "rows"
+    forced = current_tiles().strip_plan
+    if forced != "auto":
+        return forced
+    room = workspace_bytes - _accumulator_bytes(v, d, dtype, need_bases)
+    smallest_strip = strip_rows(n, v, d, 0, 1, need_bases) * v * kernels.score_dtype(dtype).itemsize
+    return "rows" if smallest_strip <= room else "columns"
 
 
 def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, targets: Tensor,
                         sim: SimilarityOptions, loss: LossOptions, weight: Tensor | None, need_hidden: bool,
-                        need_bases: bool, strip_elements: int):
+                        need_bases: bool, workspace_bytes: int):
     """Per-row loss and lse and, with ``weight`` (N,), the gradients of ``sum_i weight_i * loss_i``
-    w.r.t. ``hidden`` (N, d) and ``bases`` (V, d) (None where not asked for)."""
+    w.r.t. ``hidden`` (N, d) and ``bases`` (V, d) (None where not asked for). ``workspace_bytes``
+    bounds the strips (and, through the plan, the accumulator)."""
     acc = accumulate_dtype(hidden.dtype)
     n, d, v = hidden.shape[0], hidden.shape[1], bases.shape[0]
     need_grad = weight is not None and (need_hidden or need_bases)
@@ -75,37 +126,113 @@ def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, ta
     inv_b = kernels.inverse_norms(bases, sim.eps) if sim.normalize else None
     row_scale = inv_h * sim.scale if inv_h is not None else torch.full((n,), sim.scale, **f)
     tile_weight = weight.to(acc) * sim.scale if need_grad else None  # the scale of d z / d(normalised rows)
+    scaled = _Scaled(hidden, bases, targets, inv_h, inv_b, row_scale, tile_weight, sim, loss)
 
-    per_row, lse = torch.empty(n, **f), torch.empty(n, **f)
-    grad_h = torch.empty(n, d, **f) if need_hidden else None
-    grad_b = torch.empty(v, d, **f) if need_bases else None  # the first strip writes, the others add
-    rows_per_strip = strip_rows(n, v, d, strip_elements, need_bases)
-    buffer = torch.empty(rows_per_strip, v, **f)
-    for r0 in range(0, n, rows_per_strip):
-        r1 = min(n, r0 + rows_per_strip)
-        tile = buffer[: r1 - r0]
-        kernels.scores(hidden[r0:r1], bases, tile)
-        per_row[r0:r1], lse[r0:r1] = kernels.epilogue(
-            tile, row_scale[r0:r1], inv_b, targets[r0:r1], loss.ignore_index,
-            tile_weight[r0:r1] if need_grad else None, loss.label_smoothing)
-        if need_grad:
-            rows = hidden[r0:r1]
-            if need_bases and inv_h is not None:  # the strip's normalised rows, in the inputs' dtype
-                rows = (rows.to(acc) * inv_h[r0:r1, None]).to(hidden.dtype)
-            kernels.gradient_products(tile, bases, rows, grad_h[r0:r1] if need_hidden else None,
-                                      grad_b if need_bases else None, first=r0 == 0)
-    del buffer
-    if need_bases and n == 0:
-        grad_b.zero_()  # no strip ran: the gradient is zero
-
-    dh = db = None
+    plan = choose_plan(kernels, n, v, d, hidden.dtype, need_bases, workspace_bytes) if need_grad else "rows"
+    if plan == "columns":
+        per_row, lse, _, _ = _row_strips(kernels, scaled, False, False, workspace_bytes)
+        grad_h, db = _column_chunks(kernels, scaled, lse, need_hidden, need_bases, workspace_bytes)
+    else:
+        per_row, lse, grad_h, grad_b = _row_strips(kernels, scaled, need_hidden, need_bases, workspace_bytes)
+        db = None
+        if need_bases:
+            db = (kernels.normalization_backward(bases, inv_b, grad_b, sim.eps, True) if inv_b is not None
+                  else grad_b.to(bases.dtype))
+    dh = None
     if need_hidden:
         dh = (kernels.normalization_backward(hidden, inv_h, grad_h, sim.eps, False) if inv_h is not None
               else grad_h.to(hidden.dtype))
-    if need_bases:
-        db = (kernels.normalization_backward(bases, inv_b, grad_b, sim.eps, True) if inv_b is not None
-              else grad_b.to(bases.dtype))
     return per_row, lse, dh, db
+
+
+class _Scaled:
+    """One call's inputs with their scales, as both plans read them."""
+
+    def __init__(self, hidden, bases, targets, inv_h, inv_b, row_scale, tile_weight, sim, loss):
+        self.hidden, self.bases, self.targets = hidden, bases, targets
+        self.inv_h, self.inv_b, self.row_scale, self.tile_weight = inv_h, inv_b, row_scale, tile_weight
+        self.sim, self.loss = sim, loss
+        self.acc = accumulate_dtype(hidden.dtype)
+
+    def normalized_rows(self, r0: int, r1: int) -> Tensor:
+        """hidden[r0:r1] / |h| in the inputs' dtype: the right-hand side of the bases' gradient GEMM."""
+        rows = self.hidden[r0:r1]
+        if self.inv_h is None:
+            return rows
+        return (rows.to(self.acc) * self.inv_h[r0:r1, None]).to(self.hidden.dtype)
+
+
+def _row_strips(kernels, x: _Scaled, need_hidden: bool, need_bases: bool, workspace_bytes: int):
+    """The row plan; without gradients, the forward pass of the column plan too."""
+    n, d, v = x.hidden.shape[0], x.hidden.shape[1], x.bases.shape[0]
+    need_grad = need_hidden or need_bases
+    f = dict(dtype=x.acc, device=x.hidden.device)
+    per_row, lse = torch.empty(n, **f), torch.empty(n, **f)
+    grad_h = torch.empty(n, d, **f) if need_hidden else None
+    grad_b = torch.empty(v, d, **f) if need_bases else None  # the first strip writes, the others add
+    score_dtype = kernels.score_dtype(x.hidden.dtype)
+    strip_bytes = workspace_bytes - _accumulator_bytes(v, d, x.hidden.dtype, need_bases)
+    rows_per_strip = strip_rows(n, v, d, strip_bytes, score_dtype.itemsize, need_bases)
+    buffer = torch.empty(rows_per_strip, v, dtype=score_dtype, device=x.hidden.device)
+    for r0 in range(0, n, rows_per_strip):
+        r1 = min(n, r0 + rows_per_strip)
+        tile = buffer[: r1 - r0]
+        kernels.scores(x.hidden[r0:r1], x.bases, tile)
+        per_row[r0:r1], lse[r0:r1] = kernels.epilogue(
+            tile, x.row_scale[r0:r1], x.inv_b, x.targets[r0:r1], x.loss.ignore_index,
+            x.tile_weight[r0:r1] if need_grad else None, x.loss.label_smoothing)
+        if need_grad:
+            rows = x.normalized_rows(r0, r1) if need_bases else x.hidden[r0:r1]
+            kernels.gradient_products(tile, x.bases, rows, grad_h[r0:r1] if need_hidden else None,
+                                      grad_b if need_bases else None, first_rows=True, first_bases=r0 == 0)
+    del buffer
+    if need_bases and n == 0:
+        grad_b.zero_()  # no strip ran: the gradient is zero
+    return per_row, lse, grad_h, grad_b
+
+
+def _column_chunks(kernels: ChunkKernels, x: _Scaled, lse: Tensor, need_hidden: bool, need_bases: bool,
+                   workspace_bytes: int):
+    """The column plan's gradient pass: (accumulated hidden gradient, finished bases gradient)."""
+    n, d, v = x.hidden.shape[0], x.hidden.shape[1], x.bases.shape[0]
+    f = dict(dtype=x.acc, device=x.hidden.device)
+    score_dtype = kernels.score_dtype(x.hidden.dtype)
+    elements = max(1, workspace_bytes // score_dtype.itemsize)
+    columns = min(v, max(elements // max(n, 1), MIN_CHUNK_COLUMNS))  # all rows at once where they fit
+    rows_per_block = max(1, min(max(n, 1), elements // columns))
+    buffer = torch.empty(rows_per_block * columns, dtype=score_dtype, device=x.hidden.device)
+    grad_h = torch.zeros(n, d, **f) if need_hidden else None
+    db = torch.empty_like(x.bases) if need_bases else None
+    one_block = rows_per_block >= n
+    native = score_dtype == x.hidden.dtype  # the GEMMs return the inputs' dtype
+    rows_once = x.normalized_rows(0, n) if need_bases and one_block else None
+    for c0 in range(0, v, columns):
+        c1 = min(v, c0 + columns)
+        chunk = x.bases[c0:c1]
+        grad_chunk, in_output = None, need_bases and (db.dtype == x.acc or (one_block and native))
+        if need_bases:  # formed in the returned gradient where nothing sums into it in a narrower dtype
+            grad_chunk = db[c0:c1] if in_output else torch.empty(c1 - c0, d, **f)
+            if n == 0:
+                grad_chunk.zero_()
+        for r0 in range(0, n, rows_per_block):
+            r1 = min(n, r0 + rows_per_block)
+            tile = buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            kernels.scores(x.hidden[r0:r1], chunk, tile)
+            kernels.chunk_epilogue(tile, x.row_scale[r0:r1], x.inv_b[c0:c1] if x.inv_b is not None else None,
+                                   x.targets[r0:r1], x.loss.ignore_index, x.tile_weight[r0:r1],
+                                   x.loss.label_smoothing, lse[r0:r1], c0, v)
+            rows = None
+            if need_bases:
+                rows = rows_once if one_block else x.normalized_rows(r0, r1)
+            kernels.gradient_products(tile, chunk, rows, grad_h[r0:r1] if need_hidden else None, grad_chunk,
+                                      first_rows=False, first_bases=r0 == 0)
+        if need_bases:
+            if x.inv_b is not None:
+                kernels.normalization_backward(chunk, x.inv_b[c0:c1], grad_chunk, x.sim.eps, True,
+                                               out=grad_chunk if in_output else db[c0:c1])
+            elif not in_output:
+                db[c0:c1] = grad_chunk
+    return grad_h, db
 
 
 # --- GEMMs with fp32 accumulation through ATen (cuBLAS on a GPU), shared by the GPU backends -----
@@ -149,9 +276,10 @@ class TorchNormalization:
     def inverse_norms(self, x, eps):
         return inverse_norms(x, eps)
 
-    def normalization_backward(self, x, inv, grad, eps, grad_times_inv):
-        return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv,
-                                      out=grad if grad.dtype == x.dtype else None)
+    def normalization_backward(self, x, inv, grad, eps, grad_times_inv, out=None):
+        if out is None and grad.dtype == x.dtype:
+            out = grad  # in place on the accumulated gradient
+        return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv, out=out)
 
 
 H200_SMS = 132  # the SM count assumed where no GPU is asked (the interpreter, tests of the geometry)
@@ -169,15 +297,21 @@ class AtenGemms:
     """The three GEMMs of the strip algorithm on a GPU: inputs in their own dtype (tensor cores
     for bf16 / fp16), fp32 results; the gradient tile is cast to the inputs' dtype for its GEMMs."""
 
+    def score_dtype(self, dtype):
+        return accumulate_dtype(dtype)
+
     def scores(self, rows, bases, out):
         mm_f32(rows, bases.T, out=out)
 
-    def gradient_products(self, tile, bases, rows, grad_rows, grad_bases, first):
+    def gradient_products(self, tile, bases, rows, grad_rows, grad_bases, first_rows, first_bases):
         tile = tile.to(bases.dtype)  # one cast serves both GEMMs
         if grad_rows is not None:
-            mm_f32(tile, bases, out=grad_rows)
+            if first_rows:
+                mm_f32(tile, bases, out=grad_rows)
+            else:
+                add_mm_f32(grad_rows, tile, bases)
         if grad_bases is not None:
-            if first:
+            if first_bases:
                 grad_bases.zero_()
             add_mm_f32(grad_bases, tile.T, rows)
 

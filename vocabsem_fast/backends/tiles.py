@@ -19,6 +19,10 @@ class TileConfig:
     max_rows: int = 4096            # rows of hidden states in one block of the chunked algorithm
     max_elements: int = 1 << 22     # scores in one tile: 16 MiB of float32
     min_columns: int = 16           # narrowest column chunk
+    # the strip algorithm's plan when gradients are wanted: "rows" (three GEMMs, a (V, d)
+    # accumulator), "columns" (four GEMMs, a bounded workspace) or "auto" (rows when they fit
+    # the workspace, see strips.choose_plan)
+    strip_plan: str = "auto"
 
 
 _DEFAULT = TileConfig()  # frozen: a shared default is safe
@@ -32,6 +36,9 @@ def current_tiles() -> TileConfig:
 @contextlib.contextmanager
 def tile_config(**overrides) -> Iterator[TileConfig]:
     """Run the enclosed calls with these tile bounds (fields of ``TileConfig``)."""
+    plan = overrides.get("strip_plan", "auto")
+    if plan not in ("auto", "rows", "columns"):
+        raise ValueError(f"strip_plan must be 'auto', 'rows' or 'columns', got {plan!r}")
     token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **overrides))
     try:
         yield _CURRENT.get()

@@ -68,7 +68,7 @@ class TritonBackend(Backend):
         hidden, bases, targets = hidden.contiguous(), bases.contiguous(), targets.contiguous()
         if weight is not None and (need_hidden or need_bases):
             return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, weight, need_hidden,
-                                       need_bases, self.strip_elements)
+                                       need_bases, 4 * self.strip_elements)
         per_row, lse = self.triton_similarity.cross_entropy_forward(
             hidden, bases, targets, self._inverse(hidden, sim), self._inverse(bases, sim),
             sim.scale, loss.ignore_index, loss.label_smoothing)
@@ -77,7 +77,7 @@ class TritonBackend(Backend):
     def cross_entropy_backward(self, row_weight, hidden, bases, targets, lse, sim, loss, need_hidden, need_bases):
         hidden, bases, targets = hidden.contiguous(), bases.contiguous(), targets.contiguous()
         _, _, dh, db = strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, row_weight, need_hidden,
-                                           need_bases, self.strip_elements)
+                                           need_bases, 4 * self.strip_elements)
         return dh, db
 
     def topk(self, hidden, bases, k: int, sim: SimilarityOptions):
