@@ -22,8 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"));
   m.def("cross_entropy_strip", &vocabsem::cross_entropy_strip,
         "Epilogue of one cross-entropy strip, in place: raw scores -> per-row (loss, lse) and, with a weight, "
-        "the gradient tile weight * (softmax - target) * col_scale; given lse, the gradient tile of the column "
-        "chunk [col_offset, col_offset + cols) of a vocabulary of `vocab`",
+        "the gradient tile weight * (softmax - target) * col_scale. Given vocab, a column chunk [col_offset, "
+        "col_offset + cols): without lse its own (loss terms, lse); with the rows' lse its gradient tile",
         pybind11::arg("scores"), pybind11::arg("row_scale"), pybind11::arg("col_scale"), pybind11::arg("targets"),
         pybind11::arg("valid"), pybind11::arg("weight"), pybind11::arg("label_smoothing"),
         pybind11::arg("lse") = pybind11::none(), pybind11::arg("col_offset") = 0, pybind11::arg("vocab") = 0);

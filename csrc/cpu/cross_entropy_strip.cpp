@@ -1,9 +1,10 @@
 // The CPU epilogue of one cross-entropy strip, as the strip algorithm (vocabsem_fast/backends/
 // strips.py) calls it between its GEMMs: the R x V raw scores of R hidden rows against the whole
 // vocabulary become per-row loss and log-sum-exp and, when a weight is given, the gradient tile
-// weight_r * (softmax - (1 - ls) onehot - ls / V) * inv_b[c], in place. Given the rows' lse,
-// the scores are a column chunk (starting at col_offset of a vocabulary of `vocab`) and only the
-// chunk's gradient tile is written. Scores are float32, float64 or bfloat16 (arithmetic in float32).
+// weight_r * (softmax - (1 - ls) onehot - ls / V) * inv_b[c], in place. Given `vocab`, the
+// scores are a column chunk starting at col_offset of that vocabulary: without lse, the chunk's
+// own lse and loss terms come back (scores unchanged); with the rows' lse, only the chunk's
+// gradient tile is written. Scores are float32, float64 or bfloat16 (arithmetic in float32).
 #include "checks.h"
 #include "strip_epilogue.h"
 
@@ -37,16 +38,20 @@ std::vector<at::Tensor> cross_entropy_strip(at::Tensor& scores, const at::Tensor
   vector(valid, "valid", at::kBool, rows);
   if (col_scale) vector(*col_scale, "col_scale", acc, cols);
   if (weight) vector(*weight, "weight", acc, rows);
-  const bool chunk = lse_in.has_value();
-  if (chunk) {
-    vector(*lse_in, "lse", acc, rows);
-    TORCH_CHECK_VALUE(weight.has_value(), "a column chunk needs the weight: it only forms the gradient tile");
+  const bool chunk = lse_in.has_value(), partial = !chunk && vocab > 0;
+  if (chunk || partial) {
     TORCH_CHECK_VALUE(col_offset >= 0 && col_offset + cols <= vocab, "the chunk [", col_offset, ", ",
                       col_offset + cols, ") must lie in the vocabulary [0, ", vocab, ")");
   } else {
-    TORCH_CHECK_VALUE(col_offset == 0, "col_offset is only for a column chunk (given lse)");
+    TORCH_CHECK_VALUE(col_offset == 0, "col_offset is only for a column chunk (given vocab)");
     vocab = cols;
   }
+  if (chunk) {
+    vector(*lse_in, "lse", acc, rows);
+    TORCH_CHECK_VALUE(weight.has_value(), "a gradient chunk needs the weight: it only forms the gradient tile");
+  }
+  TORCH_CHECK_VALUE(!partial || !weight.has_value(),
+                    "a partial chunk (vocab without lse) forms no gradient: weight must be None");
   if (rows > 0) {
     const auto [lo, hi] = at::aminmax(targets);
     TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < vocab, "targets must lie in [0, ", vocab, ")");
@@ -76,6 +81,7 @@ std::vector<at::Tensor> cross_entropy_strip(at::Tensor& scores, const at::Tensor
     e.lse_in = chunk ? lse_in->data_ptr<scalar_t>() : nullptr;
     e.col_offset = col_offset;
     e.vocab = vocab;
+    e.partial = partial;
     run_strip_epilogue(e);
   });
   return {loss, lse};

@@ -166,6 +166,7 @@ struct RowArgs {
   acc_t* loss;
   acc_t* lse;
   const acc_t* lse_in;  // column-chunk mode: the row's lse over the vocabulary
+  bool partial;         // partial mode: the chunk's lse and loss terms, scores left as they are
   int64_t vocab;
 };
 
@@ -285,8 +286,58 @@ VS_INLINE void chunk_row_f32(const RowArgs<float>& a) {
   }
 }
 
+// Partial mode: over a column chunk, read-only, the chunk's log-sum-exp and its terms of the loss,
+// -(1 - ls) z_target (when the target is in the chunk) - ls sum(z) / V; the caller merges chunks.
+template <typename V, typename I, typename U32, typename U16, bool BF16>
+VS_INLINE void partial_row_f32(const RowArgs<float>& a) {
+  constexpr int64_t W = sizeof(V) / sizeof(float);
+  auto logits = [&](int64_t j) {
+    const V raw = BF16 ? load_bf16<V, U32, U16>(a.bf16_row + j) : load<V>(a.row + j);
+    return a.inv_b != nullptr ? raw * (load<V>(a.inv_b + j) * a.row_scale) : raw * a.row_scale;
+  };
+  auto logit = [&](int64_t j) {
+    const float raw = BF16 ? bf16_scalar(a.bf16_row[j]) : a.row[j];
+    return raw * a.row_scale * (a.inv_b != nullptr ? a.inv_b[j] : 1.0f);
+  };
+  V vmax = splat<V>(-std::numeric_limits<float>::infinity()), vsum = splat<V>(0.0f);
+  I nan_lanes = I{};
+  int64_t j = 0;
+  for (; j + W <= a.cols; j += W) {
+    const V z = logits(j);
+    vmax = z > vmax ? z : vmax;
+    vsum += z;
+    nan_lanes |= z != z;
+  }
+  float row_max = hmax(vmax), row_sum = hsum(vsum);
+  bool has_nan = false;
+  for (unsigned l = 0; l < W; ++l) has_nan |= nan_lanes[l] != 0;
+  for (int64_t t = j; t < a.cols; ++t) {
+    const float z = logit(t);
+    row_max = z > row_max ? z : row_max;
+    row_sum += z;
+    has_nan |= z != z;
+  }
+  if (has_nan) row_max = std::numeric_limits<float>::quiet_NaN();
+  const float shift = row_max == -std::numeric_limits<float>::infinity() ? 0.0f : row_max;
+  V vexp_sum = splat<V>(0.0f);
+  for (j = 0; j + W <= a.cols; j += W) vexp_sum += vexp<V, I>(logits(j) - shift);
+  float sum_exp = hsum(vexp_sum);
+  for (int64_t t = j; t < a.cols; ++t) sum_exp += std::exp(logit(t) - shift);
+  *a.lse = shift + std::log(sum_exp);
+  const bool has_target = a.target >= 0 && a.target < a.cols;
+  const float picked = has_target ? (1 - a.ls) * logit(a.target) : 0.0f;
+  *a.loss = a.valid ? -picked - (a.ls > 0 ? a.ls * row_sum / static_cast<float>(a.vocab) : 0.0f) : 0.0f;
+}
+
 template <typename V, typename I, typename U32, typename U16>
 VS_INLINE void epilogue_row_f32(const RowArgs<float>& a) {
+  if (a.partial) {
+    if (a.bf16_row != nullptr)
+      partial_row_f32<V, I, U32, U16, true>(a);
+    else
+      partial_row_f32<V, I, U32, U16, false>(a);
+    return;
+  }
   if (a.lse_in != nullptr) {  // straight from the strip, no scratch row
     if (a.bf16_row != nullptr)
       chunk_row_f32<V, I, U32, U16, true>(a);
@@ -349,6 +400,25 @@ void epilogue_row_f64(const RowArgs<double>& a) {
     if (a.target >= 0 && a.target < a.cols)
       a.row[a.target] -= *a.weight * (1 - a.ls) * (a.inv_b != nullptr ? a.inv_b[a.target] : 1.0);
   };
+  if (a.partial) {  // read-only: the chunk's lse and loss terms
+    double row_max = -std::numeric_limits<double>::infinity(), row_sum = 0;
+    bool has_nan = false;
+    auto logit = [&](int64_t j) { return a.row[j] * a.row_scale * (a.inv_b != nullptr ? a.inv_b[j] : 1.0); };
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const double z = logit(j);
+      row_max = z > row_max ? z : row_max;
+      row_sum += z;
+      has_nan |= z != z;
+    }
+    if (has_nan) row_max = std::numeric_limits<double>::quiet_NaN();
+    const double shift = row_max == -std::numeric_limits<double>::infinity() ? 0.0 : row_max;
+    double sum_exp = 0;
+    for (int64_t j = 0; j < a.cols; ++j) sum_exp += std::exp(logit(j) - shift);
+    *a.lse = shift + std::log(sum_exp);
+    const double picked = a.target >= 0 && a.target < a.cols ? (1 - a.ls) * logit(a.target) : 0.0;
+    *a.loss = a.valid ? -picked - (a.ls > 0 ? a.ls * row_sum / v : 0.0) : 0.0;
+    return;
+  }
   const bool zero_gradient = a.weight != nullptr && (!a.valid || *a.weight == 0);
   if (a.lse_in != nullptr) {  // column-chunk mode
     if (zero_gradient) {
@@ -377,17 +447,18 @@ void epilogue_row_f64(const RowArgs<double>& a) {
 
 template <typename acc_t, typename Fn>
 void run(const StripEpilogue<acc_t>& e, Fn row_fn) {
-  const int64_t vocab = e.lse_in != nullptr ? e.vocab : e.cols;
+  const bool partial = e.partial;
+  const int64_t vocab = e.lse_in != nullptr || partial ? e.vocab : e.cols;
   at::parallel_for(0, e.rows, 1, [&](int64_t begin, int64_t end) {
     // a bf16 row widened to float (the column-chunk mode works on the stored row directly)
-    std::vector<acc_t> scratch(e.scores_bf16 != nullptr && e.lse_in == nullptr ? e.cols : 0);
+    std::vector<acc_t> scratch(e.scores_bf16 != nullptr && e.lse_in == nullptr && !partial ? e.cols : 0);
     for (int64_t r = begin; r < end; ++r) {
       acc_t* row = e.scores_bf16 != nullptr ? scratch.data() : e.scores + r * e.ld;
       uint16_t* bf16_row = e.scores_bf16 != nullptr ? e.scores_bf16 + r * e.ld : nullptr;
       row_fn(RowArgs<acc_t>{row, bf16_row, e.cols, e.row_scale[r], e.inv_b, e.targets[r] - e.col_offset,
                             e.valid[r], e.weight ? e.weight + r : nullptr, e.label_smoothing,
                             e.loss ? e.loss + r : nullptr, e.lse ? e.lse + r : nullptr,
-                            e.lse_in ? e.lse_in + r : nullptr, vocab});
+                            e.lse_in ? e.lse_in + r : nullptr, partial, vocab});
     }
   });
 }

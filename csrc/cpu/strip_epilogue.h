@@ -8,10 +8,12 @@ namespace vocabsem {
 // (row stride ld) except the per-row vectors (length R) and inv_b (length cols, or null when the
 // bases are not normalised). The logits are scores * row_scale[r] * inv_b[c].
 //
-// Two modes. Whole rows (lse_in null): the strip spans the vocabulary; per-row loss and lse
-// out and, with a weight, the gradient tile in place. A column chunk (lse_in given, weight
-// required): columns [col_offset, col_offset + cols) of a vocabulary of `vocab`, the rows' lse
-// known from a previous pass; only the chunk's gradient tile is written.
+// Three modes. Whole rows (lse_in null, not partial): the strip spans the vocabulary; per-row
+// loss and lse out and, with a weight, the gradient tile in place. Partial (a column chunk
+// [col_offset, col_offset + cols) of a vocabulary of `vocab`, no weight): the chunk's own lse and
+// its terms of the loss, -(1 - ls) z_target (target in the chunk) - ls sum(z) / V, the scores
+// left unchanged; the caller merges the chunks. Gradient chunk (lse_in given, weight required):
+// the rows' lse known from the partial pass; only the chunk's gradient tile is written.
 template <typename acc_t>
 struct StripEpilogue {
   acc_t* scores;             // in: raw hidden . bases; out: the gradient tile G' (or exp scores when no grad)
@@ -26,7 +28,8 @@ struct StripEpilogue {
   acc_t* loss;               // out, per row (0 where ignored)
   acc_t* lse;                // out, per row
   const acc_t* lse_in;       // column-chunk mode: the rows' log-sum-exp over the whole vocabulary
-  int64_t col_offset, vocab;  // column-chunk mode: where the chunk starts, the vocabulary size
+  bool partial;               // partial mode (see above)
+  int64_t col_offset, vocab;  // chunk modes: where the chunk starts, the vocabulary size
 };
 
 void run_strip_epilogue(const StripEpilogue<float>& e);

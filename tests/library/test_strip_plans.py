@@ -164,3 +164,29 @@ def test_a_chunk_outside_the_vocabulary_is_refused():
     with pytest.raises(ValueError, match="weight"):
         ext.cross_entropy_strip(scores, row_scale, col_scale, targets, valid, None, 0.0, lse=lse, col_offset=0,
                                 vocab=301)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_partial_chunks_merge_into_the_whole_row_loss(dtype, smoothing):
+    ext = _ext()
+    scores, row_scale, col_scale, targets, valid, _ = _epilogue_inputs()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    row_scale, col_scale = row_scale.to(acc), col_scale.to(acc)
+    scores = scores.to(dtype)
+    loss, lse = ext.cross_entropy_strip(scores.clone(), row_scale, col_scale, targets, valid, None, smoothing)
+    merged_lse, terms = torch.full_like(lse, float("-inf")), torch.zeros_like(loss)
+    for c0, c1 in ((0, 97), (97, 98), (98, 301)):
+        chunk = scores[:, c0:c1].contiguous()
+        before = chunk.clone()
+        part, chunk_lse = ext.cross_entropy_strip(chunk, row_scale, col_scale[c0:c1].contiguous(), targets, valid,
+                                                  None, smoothing, col_offset=c0, vocab=301)
+        assert torch.equal(chunk, before)  # read-only: the second pass may reuse these scores
+        merged_lse = torch.logaddexp(merged_lse, chunk_lse)
+        terms += part
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(merged_lse, lse, rtol=tol, atol=tol, name="lse")
+    assert_close(torch.where(valid, merged_lse + terms, 0.0), loss, rtol=tol, atol=tol * 10, name="loss")
+    with pytest.raises(ValueError, match="weight must be None"):
+        ext.cross_entropy_strip(scores[:, :50].contiguous(), row_scale, col_scale[:50].contiguous(), targets % 50,
+                                valid, torch.ones_like(row_scale), 0.0, col_offset=0, vocab=301)

@@ -70,6 +70,12 @@ class CpuStripKernels(TorchNormalization):
         safe = torch.where(valid, targets, 0)
         return self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, weight, smoothing)
 
+    def chunk_partials(self, scores, row_scale, col_scale, targets, ignore_index, smoothing, col_offset, vocab):
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        return self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, None, smoothing,
+                                            col_offset=col_offset, vocab=vocab)
+
     def chunk_epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing, lse, col_offset,
                        vocab):
         valid = targets != ignore_index

@@ -13,11 +13,12 @@ Row plan (three GEMMs). Rows are processed in strips of R rows against the whole
 The bases' gradient sums over every strip, so this plan holds a (V, d) accumulator: free when the
 inputs are in the accumulation dtype (it is the returned gradient), V x d x 4 bytes otherwise.
 
-Column plan (four GEMMs, bounded workspace). A first pass of row strips without gradients gives
-every row's log-sum-exp; then the vocabulary is walked in column chunks: each (rows x chunk) tile
-is recomputed and turned into its gradient tile with the known lse, the chunk's bases gradient
-is complete after its rows (normalisation backward, written out) and the hidden gradient, N x d,
-accumulates. ``choose_plan`` takes the rows when their workspace fits the budget.
+Column plan (four GEMMs less one chunk's, bounded workspace). The vocabulary is walked in column
+chunks of (rows x chunk) tiles twice: the first pass merges each row's log-sum-exp and loss over
+the chunks; the second recomputes each tile (but the one still in the buffer) and turns it into
+its gradient tile with the known lse, so each chunk's bases gradient is complete after its rows
+(normalisation backward, written out) and only the hidden gradient, N x d, accumulates.
+``choose_plan`` takes the rows when their workspace fits the budget.
 
 Inverse norms enter as scales, so no normalised copy of the bases exists. Scores may be kept in
 a narrower dtype than the accumulation dtype (bf16 on the CPU: the native GEMM's own output,
@@ -76,6 +77,12 @@ class StripKernels(Protocol):
 class ChunkKernels(StripKernels, Protocol):
     """Kernels that also run the column plan."""
 
+    def chunk_partials(self, scores: Tensor, row_scale: Tensor, col_scale: Tensor | None, targets: Tensor,
+                       ignore_index: int, smoothing: float, col_offset: int, vocab: int) -> tuple[Tensor, Tensor]:
+        """Per row, over columns [col_offset, col_offset + C) of the vocabulary: the chunk's terms
+        of the loss (-(1 - ls) z_target where the target is in the chunk, - ls sum(z) / V; 0 where
+        ignored) and its log-sum-exp; scores unchanged."""
+
     def chunk_epilogue(self, scores: Tensor, row_scale: Tensor, col_scale: Tensor | None, targets: Tensor,
                        ignore_index: int, weight: Tensor, smoothing: float, lse: Tensor, col_offset: int,
                        vocab: int) -> None:
@@ -130,8 +137,7 @@ def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, ta
 
     plan = choose_plan(kernels, n, v, d, hidden.dtype, need_bases, workspace_bytes) if need_grad else "rows"
     if plan == "columns":
-        per_row, lse, _, _ = _row_strips(kernels, scaled, False, False, workspace_bytes)
-        grad_h, db = _column_chunks(kernels, scaled, lse, need_hidden, need_bases, workspace_bytes)
+        per_row, lse, grad_h, db = _column_plan(kernels, scaled, need_hidden, need_bases, workspace_bytes)
     else:
         per_row, lse, grad_h, grad_b = _row_strips(kernels, scaled, need_hidden, need_bases, workspace_bytes)
         db = None
@@ -172,6 +178,8 @@ def _row_strips(kernels, x: _Scaled, need_hidden: bool, need_bases: bool, worksp
     grad_b = torch.empty(v, d, **f) if need_bases else None  # the first strip writes, the others add
     score_dtype = kernels.score_dtype(x.hidden.dtype)
     strip_bytes = workspace_bytes - _accumulator_bytes(v, d, x.hidden.dtype, need_bases)
+    if strip_bytes < strip_rows(n, v, d, 0, 1, need_bases) * v * score_dtype.itemsize:
+        strip_bytes = workspace_bytes  # the row plan forced beyond the budget: strips as without the accumulator
     rows_per_strip = strip_rows(n, v, d, strip_bytes, score_dtype.itemsize, need_bases)
     buffer = torch.empty(rows_per_strip, v, dtype=score_dtype, device=x.hidden.device)
     for r0 in range(0, n, rows_per_strip):
@@ -191,9 +199,12 @@ def _row_strips(kernels, x: _Scaled, need_hidden: bool, need_bases: bool, worksp
     return per_row, lse, grad_h, grad_b
 
 
-def _column_chunks(kernels: ChunkKernels, x: _Scaled, lse: Tensor, need_hidden: bool, need_bases: bool,
-                   workspace_bytes: int):
-    """The column plan's gradient pass: (accumulated hidden gradient, finished bases gradient)."""
+def _column_plan(kernels: ChunkKernels, x: _Scaled, need_hidden: bool, need_bases: bool, workspace_bytes: int):
+    """The column plan: (per-row loss, lse, accumulated hidden gradient, finished bases gradient).
+
+    Pass 1 walks the column chunks forward and merges each chunk's lse and loss terms per row;
+    pass 2 walks them backward, so its first tile is pass 1's last, still in the buffer (with all
+    rows in one block that saves one chunk's GEMM)."""
     n, d, v = x.hidden.shape[0], x.hidden.shape[1], x.bases.shape[0]
     f = dict(dtype=x.acc, device=x.hidden.device)
     score_dtype = kernels.score_dtype(x.hidden.dtype)
@@ -201,38 +212,60 @@ def _column_chunks(kernels: ChunkKernels, x: _Scaled, lse: Tensor, need_hidden: 
     columns = min(v, max(elements // max(n, 1), MIN_CHUNK_COLUMNS))  # all rows at once where they fit
     rows_per_block = max(1, min(max(n, 1), elements // columns))
     buffer = torch.empty(rows_per_block * columns, dtype=score_dtype, device=x.hidden.device)
+    chunks = [(c0, min(v, c0 + columns)) for c0 in range(0, v, columns)]
+    blocks = [(r0, min(n, r0 + rows_per_block)) for r0 in range(0, n, rows_per_block)]
+    ignore, smoothing = x.loss.ignore_index, x.loss.label_smoothing
+
+    def tile_of(r0, r1, c0, c1):
+        return buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+
+    def col_scale(c0, c1):
+        return x.inv_b[c0:c1] if x.inv_b is not None else None
+
+    lse, terms = torch.full((n,), float("-inf"), **f), torch.zeros(n, **f)
+    resident = None  # the (chunk, block) whose scores the buffer holds
+    for c0, c1 in chunks:
+        for r0, r1 in blocks:
+            tile = tile_of(r0, r1, c0, c1)
+            kernels.scores(x.hidden[r0:r1], x.bases[c0:c1], tile)
+            part, chunk_lse = kernels.chunk_partials(tile, x.row_scale[r0:r1], col_scale(c0, c1), x.targets[r0:r1],
+                                                     ignore, smoothing, c0, v)
+            terms[r0:r1] += part
+            torch.logaddexp(lse[r0:r1], chunk_lse, out=lse[r0:r1])
+            resident = (c0, r0)
+    per_row = torch.where(x.targets != ignore, lse + terms, 0.0)
+
     grad_h = torch.zeros(n, d, **f) if need_hidden else None
     db = torch.empty_like(x.bases) if need_bases else None
-    one_block = rows_per_block >= n
+    one_block = len(blocks) <= 1
     native = score_dtype == x.hidden.dtype  # the GEMMs return the inputs' dtype
     rows_once = x.normalized_rows(0, n) if need_bases and one_block else None
-    for c0 in range(0, v, columns):
-        c1 = min(v, c0 + columns)
+    for c0, c1 in reversed(chunks):
         chunk = x.bases[c0:c1]
         grad_chunk, in_output = None, need_bases and (db.dtype == x.acc or (one_block and native))
         if need_bases:  # formed in the returned gradient where nothing sums into it in a narrower dtype
             grad_chunk = db[c0:c1] if in_output else torch.empty(c1 - c0, d, **f)
             if n == 0:
                 grad_chunk.zero_()
-        for r0 in range(0, n, rows_per_block):
-            r1 = min(n, r0 + rows_per_block)
-            tile = buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            kernels.scores(x.hidden[r0:r1], chunk, tile)
-            kernels.chunk_epilogue(tile, x.row_scale[r0:r1], x.inv_b[c0:c1] if x.inv_b is not None else None,
-                                   x.targets[r0:r1], x.loss.ignore_index, x.tile_weight[r0:r1],
-                                   x.loss.label_smoothing, lse[r0:r1], c0, v)
+        for r0, r1 in reversed(blocks):
+            tile = tile_of(r0, r1, c0, c1)
+            if resident != (c0, r0):
+                kernels.scores(x.hidden[r0:r1], chunk, tile)
+            resident = None
+            kernels.chunk_epilogue(tile, x.row_scale[r0:r1], col_scale(c0, c1), x.targets[r0:r1], ignore,
+                                   x.tile_weight[r0:r1], smoothing, lse[r0:r1], c0, v)
             rows = None
             if need_bases:
                 rows = rows_once if one_block else x.normalized_rows(r0, r1)
             kernels.gradient_products(tile, chunk, rows, grad_h[r0:r1] if need_hidden else None, grad_chunk,
-                                      first_rows=False, first_bases=r0 == 0)
+                                      first_rows=False, first_bases=(r0, r1) == blocks[-1])
         if need_bases:
             if x.inv_b is not None:
                 kernels.normalization_backward(chunk, x.inv_b[c0:c1], grad_chunk, x.sim.eps, True,
                                                out=grad_chunk if in_output else db[c0:c1])
             elif not in_output:
                 db[c0:c1] = grad_chunk
-    return grad_h, db
+    return per_row, lse, grad_h, db
 
 
 # --- GEMMs with fp32 accumulation through ATen (cuBLAS on a GPU), shared by the GPU backends -----
