@@ -237,10 +237,14 @@ def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
     if grad_loss is None and grad_lse is None:  # neither output was used: nothing flows back
         return (None,) * ctx.n_inputs
     if grad_lse is None and (early is not None or saved):  # a reduced loss: the upstream gradient is a scalar
+        # The scalar stays in the accumulation dtype: a GradScaler's 65536 is inf in float16, and
+        # a gradient that overflowed in the input dtype (all-zero bases: 1/eps) times a zero
+        # upstream is zero, as the exact product is.
+        zero = grad_loss == 0
         if early is not None:
-            dh, db = (g.mul_(grad_loss.to(g.dtype)) for g in early)
+            dh, db = (g.mul_(grad_loss).masked_fill_(zero, 0) for g in early)
         else:
-            dh, db = (g * grad_loss.to(g.dtype) for g in saved)
+            dh, db = ((g * grad_loss).masked_fill_(zero, 0) for g in saved)
         return _needed(ctx, dh, db, rest)
     # One recomputing pass (also when the log-sum-exp is used and the loss's gradients came from
     # the forward pass: every backward of the graph then takes the same path, so a second one

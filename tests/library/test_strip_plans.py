@@ -81,23 +81,37 @@ def test_column_plan_with_few_or_no_rows(n):
 def test_the_plan_follows_the_workspace():
     kernels = _ext_kernels()
     mib = 1 << 20
+
+    def plan(n, v, d, dtype, workspace, need_bases=True):
+        return strips.plan_for(kernels, n, v, d, dtype, True, need_bases, workspace)
+
     # SmolLM2's head in bf16: the (V, d) float32 accumulator alone (108 MiB) exceeds 64 MiB; with
-    # 128 MiB, 20 MiB remain for strips, more than the 128-row minimum (12 MiB)
-    assert strips.choose_plan(kernels, 2048, 49152, 576, torch.bfloat16, True, 64 * mib) == "columns"
-    assert strips.choose_plan(kernels, 2048, 49152, 576, torch.bfloat16, True, 128 * mib) == "rows"
-    assert strips.choose_plan(kernels, 2048, 49152, 576, torch.bfloat16, True, 116 * mib) == "columns"
-    # float32 accumulates into the returned gradient: a strip of 128 rows fits, at both heads
-    assert strips.choose_plan(kernels, 2048, 49152, 576, torch.float32, True, 64 * mib) == "rows"
-    assert strips.choose_plan(kernels, 1024, 128256, 4096, torch.float32, True, 64 * mib) == "rows"
-    assert strips.choose_plan(kernels, 1024, 128256, 4096, torch.float32, True, 60 * mib) == "columns"
-    # bf16 at Llama-3's head: a 2 GiB accumulator
-    assert strips.choose_plan(kernels, 1024, 128256, 4096, torch.bfloat16, True, 64 * mib) == "columns"
+    # 160 MiB, what remains (less the hidden accumulator) holds 256 rows of bf16 scores (24 MiB)
+    assert plan(2048, 49152, 576, torch.bfloat16, 64 * mib) == "columns"
+    assert plan(2048, 49152, 576, torch.bfloat16, 160 * mib) == "rows"
+    assert plan(2048, 49152, 576, torch.bfloat16, 128 * mib) == "columns"
+    # float32 accumulates into the returned gradient: 256 rows of scores (48 MiB) fit 64 MiB
+    assert plan(2048, 49152, 576, torch.float32, 64 * mib) == "rows"
+    # Llama-3's head: 256 rows of 128256 float32 scores (125 MiB) need more than 64 MiB
+    assert plan(1024, 128256, 4096, torch.float32, 64 * mib) == "columns"
+    assert plan(1024, 128256, 4096, torch.float32, 256 * mib) == "rows"
     # only the hidden states' gradient: no accumulator, no minimum of rows
-    assert strips.choose_plan(kernels, 1024, 128256, 4096, torch.bfloat16, False, 64 * mib) == "rows"
+    assert plan(1024, 128256, 4096, torch.bfloat16, 64 * mib, need_bases=False) == "rows"
     with tile_config(strip_plan="rows"):
-        assert strips.choose_plan(kernels, 1024, 128256, 4096, torch.bfloat16, True, 64 * mib) == "rows"
+        assert plan(1024, 128256, 4096, torch.bfloat16, 64 * mib) == "rows"
     with pytest.raises(ValueError, match="strip_plan"), tile_config(strip_plan="diagonal"):
         pass
+
+
+def test_the_cpu_workspace_grows_with_the_bases_only_for_their_gradient():
+    from vocabsem_fast.backends.cpu import CpuBackend  # noqa: PLC0415
+
+    mib = 1 << 20
+    llama = torch.empty(128256, 4096)  # 2004 MiB of float32 bases
+    smol = torch.empty(49152, 576)
+    assert CpuBackend.workspace_bytes(smol, True) == 64 * mib
+    assert CpuBackend.workspace_bytes(llama, True) == llama.numel() * 4 // 8
+    assert CpuBackend.workspace_bytes(llama, False) == 64 * mib
 
 
 def _ext_kernels():

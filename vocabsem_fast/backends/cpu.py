@@ -1,13 +1,14 @@
 """The ``cpu`` backend: the C++ kernels of ``vocabsem_fast._C`` (csrc/cpu).
 
 Cross-entropy runs the strip algorithm (``strips.py``) with ATen GEMMs and the C++ SIMD strip
-epilogue; a reduced loss gets its gradients from the forward pass (three GEMMs in all) and the
-autograd backward only scales them. bf16 inputs multiply natively (oneDNN). A forward without
-gradients runs the strips too for bf16, and for fp32 / fp16 the chunked online log-sum-exp of the
-torch backend, whose tiles stay in cache (measured faster than a full-vocabulary strip in fp32:
-bench/results/foundation-cpu.md). Top-k (and so hard assignment) scans GEMM tiles with a running
-per-row top-k in C++. Logits, soft assignment and the k-means update are not fused here: the
-registry runs them on the torch backend.
+epilogue, in the row plan (three GEMMs) or, where its strip and bases accumulator exceed the
+workspace, the column plan; a reduced loss gets its gradients from the forward pass and the
+autograd backward only scales them. bf16 inputs multiply natively (oneDNN: AVX512-BF16 / AMX)
+and keep bf16 scores. A forward without gradients runs the strips too for bf16, and for fp32 /
+fp16 the chunked online log-sum-exp of the torch backend, whose tiles stay in cache (measured
+faster than a full-vocabulary strip in fp32: bench/results/foundation-cpu.md). Top-k (and so
+hard assignment) scans GEMM tiles with a running per-row top-k in C++. Logits, soft assignment
+and the k-means update are not fused here: the registry runs them on the torch backend.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from .strips import TorchNormalization, strip_cross_entropy
 from .tiles import current_tiles
 
 # The strips' workspace: 4 chunked tiles (64 MiB), measured best at the SmolLM2 shape in float32
-# (GEMMs with R in the hundreds, epilogue rows in L2). It also bounds the plan: the three-GEMM row
-# plan runs where its strip and bases accumulator fit, the four-GEMM column plan elsewhere.
+# (GEMMs with R in the hundreds, epilogue rows in L2), or, when the bases' gradient is formed, an
+# eighth of the bases' own size if that is more: the row plan then keeps strips of hundreds of
+# rows at a large head (see strips.MIN_ACCUMULATING_ROWS), the column plan fewer chunks. The
+# budget also picks the plan: rows where their strip and accumulators fit, columns elsewhere.
 STRIP_TILES = 4
+BASES_FRACTION = 8
 # Half-precision bases without a native GEMM (fp16) are widened to float32 this many rows at a time.
 CONVERT_ROWS = 4096
 
@@ -142,21 +146,22 @@ class CpuBackend(Backend):
         self._online = TorchBackend()  # the gradient-free forward (see the module docstring)
 
     @staticmethod
-    def _workspace_bytes() -> int:
-        return STRIP_TILES * current_tiles().max_elements * 4
+    def workspace_bytes(bases: Tensor, need_bases: bool) -> int:
+        tiles = STRIP_TILES * current_tiles().max_elements * 4
+        return max(tiles, bases.numel() * bases.element_size() // BASES_FRACTION) if need_bases else tiles
 
     def cross_entropy(self, hidden, bases, targets, sim, loss, weight=None, need_hidden=False, need_bases=False):
         if weight is None or not (need_hidden or need_bases):
             if self.kernels._native(bases.dtype):  # bf16: native GEMMs on strips beat fp32 chunks
                 return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, None, False, False,
-                                           self._workspace_bytes())
+                                           self.workspace_bytes(bases, False))
             return self._online.cross_entropy(hidden, bases, targets, sim, loss)
         return strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, weight, need_hidden, need_bases,
-                                   self._workspace_bytes())
+                                   self.workspace_bytes(bases, need_bases))
 
     def cross_entropy_backward(self, row_weight, hidden, bases, targets, lse, sim, loss, need_hidden, need_bases):
         _, _, dh, db = strip_cross_entropy(self.kernels, hidden, bases, targets, sim, loss, row_weight, need_hidden,
-                                           need_bases, self._workspace_bytes())
+                                           need_bases, self.workspace_bytes(bases, need_bases))
         return dh, db
 
     def topk(self, hidden, bases, k: int, sim: SimilarityOptions):

@@ -21,6 +21,18 @@ def inverse_norms(x: Tensor, eps: float) -> Tensor:
     return row_norms(x).clamp_min_(eps).reciprocal_()
 
 
+TEMPORARIES = 4  # float32 blocks the backward below holds at once (y, g, the norms' and vecdot's)
+
+
+def _block_rows(d: int) -> int:
+    return max(1, current_tiles().max_elements // 8 // max(d, 1))  # 2 MiB temporaries at the default
+
+
+def normalization_temporaries(d: int) -> int:
+    """Bytes of temporaries ``normalization_backward`` holds at once for rows of width ``d``."""
+    return TEMPORARIES * _block_rows(d) * d * 4
+
+
 def normalization_backward(x: Tensor, inv: Tensor, grad: Tensor, eps: float, *, grad_times_inv: bool = False,
                            out: Tensor | None = None) -> Tensor:
     """Gradient w.r.t. the raw rows ``x`` (N, d) of ``y = x * inv`` given ``grad`` = dL/dy.
@@ -33,7 +45,7 @@ def normalization_backward(x: Tensor, inv: Tensor, grad: Tensor, eps: float, *, 
     """
     out = torch.empty_like(x) if out is None else out
     in_place = out is grad and out.dtype == inv.dtype
-    block = max(1, current_tiles().max_elements // 4 // max(x.shape[1], 1))  # 4 MiB temporaries at the default
+    block = _block_rows(x.shape[1])
     for r0 in range(0, x.shape[0], block):
         r1 = min(x.shape[0], r0 + block)
         inv_rows = inv[r0:r1, None]

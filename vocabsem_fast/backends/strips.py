@@ -35,15 +35,16 @@ import torch
 from torch import Tensor
 
 from ..options import LossOptions, SimilarityOptions, accumulate_dtype
-from .normalization import inverse_norms, normalization_backward
+from .normalization import inverse_norms, normalization_backward, normalization_temporaries
 from .tiles import current_tiles
 
 # The column plan's narrowest chunk (a GEMM dimension), and the least rows a row strip takes when
-# it accumulates the bases' gradient: each strip's G.T @ rows reads and writes that (V, d)
-# accumulator once, R / 4 flops per fp32 byte, compute-bound from about 128 rows on a CPU
-# (measured at the Llama-3 head in fp32: 130-row strips within 5% of one 1024-row strip).
+# it accumulates the bases' gradient: each strip's G.T @ rows is a GEMM of inner size R that
+# reads and writes the whole (V, d) accumulator. Measured at the Llama-3 head in fp32 on two
+# cores (GEMM floor 16.9-17.2 s): strips of 96-130 rows 21.2-21.5 s, 256 rows 17.8-19.4 s,
+# 512 rows 17.2-17.8 s, one strip of 1024 rows 17.1-17.7 s.
 MIN_CHUNK_COLUMNS = 256
-MIN_ACCUMULATING_ROWS = 128
+MIN_ACCUMULATING_ROWS = 256
 
 
 class StripKernels(Protocol):
@@ -90,32 +91,63 @@ class ChunkKernels(StripKernels, Protocol):
         tile, in place, given each row's lse over the whole vocabulary."""
 
 
-def strip_rows(n: int, v: int, d: int, strip_bytes: int, score_size: int, need_bases: bool) -> int:
-    """Rows per strip: ``strip_bytes`` of scores, but at least MIN_ACCUMULATING_ROWS when the
-    bases' gradient is accumulated (each strip sweeps that (V, d) gradient once)."""
-    wanted = max(strip_bytes // max(v * score_size, 1), MIN_ACCUMULATING_ROWS if need_bases else 1)
+def strip_rows(n: int, v: int, d: int, strip_bytes: int, score_size: int, need_bases: bool,
+               row_size: int = 0) -> int:
+    """Rows per strip: ``strip_bytes`` of scores (``score_size`` bytes each, plus ``row_size``
+    bytes of row data per row), but at least MIN_ACCUMULATING_ROWS when the bases' gradient is
+    accumulated (each strip sweeps that (V, d) gradient once)."""
+    wanted = max(strip_bytes // max(v * score_size + row_size, 1), MIN_ACCUMULATING_ROWS if need_bases else 1)
     return max(1, min(max(n, 1), wanted))
 
 
-def _accumulator_bytes(v: int, d: int, dtype: torch.dtype, need_bases: bool) -> int:
-    """The row plan's (V, d) bases accumulator beyond the returned gradient: none in the
-    accumulation dtype (the gradient itself accumulates), V x d x 4 bytes otherwise."""
-    acc = accumulate_dtype(dtype)
-    return v * d * acc.itemsize if need_bases and dtype != acc else 0
+class _Budget:
+    """How one call's workspace divides: what each plan holds besides its score buffer."""
+
+    def __init__(self, kernels, n: int, v: int, d: int, dtype: torch.dtype, need_hidden: bool, need_bases: bool,
+                 workspace_bytes: int):
+        acc = accumulate_dtype(dtype)
+        self.n, self.v, self.d, self.need_bases = n, v, d, need_bases
+        self.score_size = kernels.score_dtype(dtype).itemsize
+        self.workspace = workspace_bytes
+        narrow = dtype != acc  # gradients accumulate beside, not in, the returned ones
+        hidden_accumulator = n * d * acc.itemsize if need_hidden and narrow else 0
+        # row plan: the (V, d) bases accumulator, the hidden one, per row of a strip its scores and
+        # normalised row; the normalisation backward runs after the strips are freed
+        self.rows_fixed = (v * d * acc.itemsize if need_bases and narrow else 0) + hidden_accumulator
+        self.row_size = d * dtype.itemsize if need_bases else 0
+        # column plan: the (N, d) hidden accumulator, the normalised rows, and the normalisation
+        # backward's temporaries, which run beside the buffer (chunk by chunk)
+        self.columns_fixed = ((n * d * acc.itemsize if need_hidden else 0) + (n * d * dtype.itemsize if need_bases
+                                                                               else 0)
+                              + (normalization_temporaries(d) if need_bases else 0))
+
+    def strip_bytes(self) -> int:
+        return self.workspace - self.rows_fixed
+
+    def rows_fit(self) -> bool:
+        smallest = strip_rows(self.n, self.v, self.d, 0, 1, self.need_bases)
+        return smallest * (self.v * self.score_size + self.row_size) <= self.strip_bytes()
+
+    def buffer_elements(self) -> int:
+        return max(1, (self.workspace - self.columns_fixed) // self.score_size)
 
 
-def choose_plan(kernels, n: int, v: int, d: int, dtype: torch.dtype, need_bases: bool, workspace_bytes: int) -> str:
+def plan_for(kernels, n: int, v: int, d: int, dtype: torch.dtype, need_hidden: bool, need_bases: bool,
+             workspace_bytes: int) -> str:
+    """The plan a call with gradients of these sizes takes within ``workspace_bytes``."""
+    return choose_plan(kernels, _Budget(kernels, n, v, d, dtype, need_hidden, need_bases, workspace_bytes))
+
+
+def choose_plan(kernels, budget: _Budget) -> str:
     """"rows" or "columns" for a call with gradients (see the module docstring): the rows when
-    their accumulator and smallest strip fit ``workspace_bytes`` or the kernels have no column
-    plan; ``tile_config(strip_plan=...)`` forces one."""
+    their accumulator and smallest strip fit the workspace or the kernels have no column plan;
+    ``tile_config(strip_plan=...)`` forces one."""
     if not hasattr(kernels, "chunk_epilogue"):
         return "rows"
     forced = current_tiles().strip_plan
     if forced != "auto":
         return forced
-    room = workspace_bytes - _accumulator_bytes(v, d, dtype, need_bases)
-    smallest_strip = strip_rows(n, v, d, 0, 1, need_bases) * v * kernels.score_dtype(dtype).itemsize
-    return "rows" if smallest_strip <= room else "columns"
+    return "rows" if budget.rows_fit() else "columns"
 
 
 def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, targets: Tensor,
@@ -135,11 +167,12 @@ def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, ta
     tile_weight = weight.to(acc) * sim.scale if need_grad else None  # the scale of d z / d(normalised rows)
     scaled = _Scaled(hidden, bases, targets, inv_h, inv_b, row_scale, tile_weight, sim, loss)
 
-    plan = choose_plan(kernels, n, v, d, hidden.dtype, need_bases, workspace_bytes) if need_grad else "rows"
+    budget = _Budget(kernels, n, v, d, hidden.dtype, need_hidden, need_bases, workspace_bytes)
+    plan = choose_plan(kernels, budget) if need_grad else "rows"
     if plan == "columns":
-        per_row, lse, grad_h, db = _column_plan(kernels, scaled, need_hidden, need_bases, workspace_bytes)
+        per_row, lse, grad_h, db = _column_plan(kernels, scaled, need_hidden, need_bases, budget)
     else:
-        per_row, lse, grad_h, grad_b = _row_strips(kernels, scaled, need_hidden, need_bases, workspace_bytes)
+        per_row, lse, grad_h, grad_b = _row_strips(kernels, scaled, need_hidden, need_bases, budget)
         db = None
         if need_bases:
             db = (kernels.normalization_backward(bases, inv_b, grad_b, sim.eps, True) if inv_b is not None
@@ -168,7 +201,7 @@ class _Scaled:
         return (rows.to(self.acc) * self.inv_h[r0:r1, None]).to(self.hidden.dtype)
 
 
-def _row_strips(kernels, x: _Scaled, need_hidden: bool, need_bases: bool, workspace_bytes: int):
+def _row_strips(kernels, x: _Scaled, need_hidden: bool, need_bases: bool, budget: _Budget):
     """The row plan; without gradients, the forward pass of the column plan too."""
     n, d, v = x.hidden.shape[0], x.hidden.shape[1], x.bases.shape[0]
     need_grad = need_hidden or need_bases
@@ -177,10 +210,9 @@ def _row_strips(kernels, x: _Scaled, need_hidden: bool, need_bases: bool, worksp
     grad_h = torch.empty(n, d, **f) if need_hidden else None
     grad_b = torch.empty(v, d, **f) if need_bases else None  # the first strip writes, the others add
     score_dtype = kernels.score_dtype(x.hidden.dtype)
-    strip_bytes = workspace_bytes - _accumulator_bytes(v, d, x.hidden.dtype, need_bases)
-    if strip_bytes < strip_rows(n, v, d, 0, 1, need_bases) * v * score_dtype.itemsize:
-        strip_bytes = workspace_bytes  # the row plan forced beyond the budget: strips as without the accumulator
-    rows_per_strip = strip_rows(n, v, d, strip_bytes, score_dtype.itemsize, need_bases)
+    # the row plan forced beyond its budget: strips as if the accumulators took nothing
+    strip_bytes = budget.strip_bytes() if budget.rows_fit() else budget.workspace
+    rows_per_strip = strip_rows(n, v, d, strip_bytes, score_dtype.itemsize, need_bases, budget.row_size)
     buffer = torch.empty(rows_per_strip, v, dtype=score_dtype, device=x.hidden.device)
     for r0 in range(0, n, rows_per_strip):
         r1 = min(n, r0 + rows_per_strip)
@@ -199,7 +231,7 @@ def _row_strips(kernels, x: _Scaled, need_hidden: bool, need_bases: bool, worksp
     return per_row, lse, grad_h, grad_b
 
 
-def _column_plan(kernels: ChunkKernels, x: _Scaled, need_hidden: bool, need_bases: bool, workspace_bytes: int):
+def _column_plan(kernels: ChunkKernels, x: _Scaled, need_hidden: bool, need_bases: bool, budget: _Budget):
     """The column plan: (per-row loss, lse, accumulated hidden gradient, finished bases gradient).
 
     Pass 1 walks the column chunks forward and merges each chunk's lse and loss terms per row;
@@ -208,7 +240,7 @@ def _column_plan(kernels: ChunkKernels, x: _Scaled, need_hidden: bool, need_base
     n, d, v = x.hidden.shape[0], x.hidden.shape[1], x.bases.shape[0]
     f = dict(dtype=x.acc, device=x.hidden.device)
     score_dtype = kernels.score_dtype(x.hidden.dtype)
-    elements = max(1, workspace_bytes // score_dtype.itemsize)
+    elements = budget.buffer_elements()
     columns = min(v, max(elements // max(n, 1), MIN_CHUNK_COLUMNS))  # all rows at once where they fit
     rows_per_block = max(1, min(max(n, 1), elements // columns))
     buffer = torch.empty(rows_per_block * columns, dtype=score_dtype, device=x.hidden.device)

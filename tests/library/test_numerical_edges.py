@@ -1,0 +1,45 @@
+"""Numerical edge cases of the ops that a training loop meets: loss scaling in float16, zero
+upstream gradients, inputs whose gradients overflow the input dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vocabsem_fast as vf
+from vocabsem_fast import reference as ref
+
+from helpers import BACKENDS, assert_close, leaf, make, make_targets
+
+GRAD_SCALER_SCALE = 65536.0  # torch.amp.GradScaler's default initial scale: not a float16 value
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_float16_loss_scaling_gives_the_scaled_gradient(impl, reduction):
+    n, d, v = 67, 19, 131
+    hidden, bases = make(n, d, dtype=torch.float16, requires_grad=True), make(v, d, dtype=torch.float16,
+                                                                                requires_grad=True)
+    targets = make_targets((n,), v)
+    scale = GRAD_SCALER_SCALE if reduction == "mean" else GRAD_SCALER_SCALE / n  # keep the truth in fp16 range
+    (vf.similarity_cross_entropy(hidden, bases, targets, scale=5.0, reduction=reduction, impl=impl) * scale).backward()
+    rh, rb = leaf(hidden, torch.float64), leaf(bases, torch.float64)
+    (ref.similarity_cross_entropy(rh, rb, targets, scale=5.0, reduction=reduction) * scale).backward()
+    for name, got, truth in (("hidden.grad", hidden.grad, rh.grad), ("bases.grad", bases.grad, rb.grad)):
+        assert truth.abs().max() < 30000, "the test's truth must fit float16"
+        assert bool(torch.isfinite(got).all()), f"{name}: non-finite entries under loss scaling"
+        magnitude = truth.abs().max().item()
+        assert_close(got, truth, rtol=2e-2, atol=2e-2 * magnitude, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_zero_upstream_gives_zero_gradients_even_where_they_overflow(impl, dtype):
+    """All-zero bases: the normalisation's gradient there is 1/eps times the upstream, beyond
+    float16; with a zero upstream the gradient is exactly zero."""
+    hidden = make(9, 7, dtype=dtype, requires_grad=True)
+    bases = torch.zeros(13, 7, dtype=dtype, requires_grad=True)
+    targets = make_targets((9,), 13, ignored=0.0)
+    (vf.similarity_cross_entropy(hidden, bases, targets, scale=5.0, impl=impl) * 0.0).backward()
+    assert torch.equal(bases.grad, torch.zeros_like(bases)), "bases.grad must be zero, got " + str(bases.grad)
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
