@@ -22,7 +22,7 @@ import workloads  # noqa: E402
 SHAPE = workloads.SHAPES["smollm2"]
 
 
-@pytest.fixture(scope="module", params=list(workloads.DTYPES))
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
 def inputs(request):
     return request.param, workloads.make_inputs(SHAPE, workloads.DTYPES[request.param])
 

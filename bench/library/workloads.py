@@ -28,7 +28,7 @@ SHAPES = {
     "llama3": Shape("llama3", 1024, 4096, 128256),
 }
 SCALE = 20.0  # a realistic inverse temperature for cosine logits
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_inputs(shape: Shape, dtype=torch.float32, seed: int = 0):

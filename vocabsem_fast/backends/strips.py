@@ -110,7 +110,9 @@ class _Budget:
         self.score_size = kernels.score_dtype(dtype).itemsize
         self.workspace = workspace_bytes
         narrow = dtype != acc  # gradients accumulate beside, not in, the returned ones
-        hidden_accumulator = n * d * acc.itemsize if need_hidden and narrow else 0
+        # per-row and per-column vectors (inverse norms, scales, weights, loss, lse, targets' masks)
+        vectors = (v + 8 * n) * acc.itemsize
+        hidden_accumulator = (n * d * acc.itemsize if need_hidden and narrow else 0) + vectors
         # row plan: the (V, d) bases accumulator, the hidden one, per row of a strip its scores and
         # normalised row; the normalisation backward runs after the strips are freed
         self.rows_fixed = (v * d * acc.itemsize if need_bases and narrow else 0) + hidden_accumulator
@@ -119,7 +121,7 @@ class _Budget:
         # backward's temporaries, which run beside the buffer (chunk by chunk)
         self.columns_fixed = ((n * d * acc.itemsize if need_hidden else 0) + (n * d * dtype.itemsize if need_bases
                                                                                else 0)
-                              + (normalization_temporaries(d) if need_bases else 0))
+                              + (normalization_temporaries(d) if need_bases else 0) + vectors)
 
     def strip_bytes(self) -> int:
         return self.workspace - self.rows_fixed
