@@ -13,13 +13,13 @@ def tiny_gpt2(vocab: int = 97, d: int = 16):
     return GPT2LMHeadModel(cfg).eval()
 
 
-def tiny_llama(vocab: int = 89, d: int = 16):
+def tiny_llama(vocab: int = 89, d: int = 16, context: int = 2048):
     """Llama: untied head, no bias."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, max_position_embeddings=context)
     return LlamaForCausalLM(cfg).eval()
 
 

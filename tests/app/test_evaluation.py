@@ -33,7 +33,8 @@ def test_method_specs():
     assert make_method("knn:k=3").k == 3
     assert make_method("ia3:epochs=1").name == "ia3"
     assert parse_methods("vds, knn,icl") == ["vds", "knn", "icl"]
-    for bad, match in [("nope", "unknown method"), ("icl:shots", "key=value"), ("icl:depth=2", "bad option"),
+    for bad, match in [("nope", "unknown method"), ("icl:shots", "key=value"),
+                       ("icl:depth=2", "unknown option .depth.*valid options: shots"),
                        ("vds:attention=sideways", "attention"), ("", "empty")]:
         with pytest.raises(ValueError, match=match):
             parse_methods(bad) if bad == "" else make_method(bad)

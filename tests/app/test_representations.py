@@ -96,3 +96,18 @@ def test_a_damaged_cache_file_warns_and_is_recomputed(tmp_path, monkeypatch, dam
         warnings.simplefilter("error")  # the file was rewritten and is clean again
         repaired = extract(model, tokenizer, PROMPTS, cache_dir=tmp_path, progress=False)
     assert torch.equal(repaired.last, again.last)
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end_and_is_reported():
+    model, tokenizer = tiny_llama(vocab=len(WORDS) + 2, context=40), word_tokenizer_fast(WORDS)
+    limit = reps_module.context_limit(model, reps_module.MAX_PROMPT_TOKENS)
+    assert limit == 40
+    long_prompt = " ".join(["the movie was very long and"] * (limit // 6 + 4)) + " the plot was great"
+    assert len(tokenizer(long_prompt)["input_ids"]) > limit
+    with pytest.warns(UserWarning, match=rf"1 of 2 prompts are longer than {limit} tokens"):
+        got = extract(model, tokenizer, [long_prompt, "great"], batch_size=2, use_cache=False, progress=False)
+    ids = tokenizer(long_prompt, return_tensors="pt")["input_ids"][:, -limit:]  # its last tokens alone
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(got.last[0], states[-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.mean[0], states.mean(0), rtol=1e-4, atol=1e-5)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .representations import batch_inputs
-from .tasks import Task, context_limit, head_logits
+from .representations import batch_inputs, context_limit
+from .tasks import Task, head_logits
 
 DEMO_SEPARATOR = "\n\n"
 

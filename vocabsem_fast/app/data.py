@@ -125,6 +125,8 @@ def _read_jsonl(path: Path, fields: tuple[str, ...], labels: dict[str, str]) -> 
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not a JSON object ({exc})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object (a {type(record).__name__})")
             if not all(name in record for name in fields) and all(name in record for name in positional):
                 record.update({name: record[alias] for name, alias in zip(fields, positional)})
             missing = [name for name in fields if name not in record]
@@ -135,7 +137,16 @@ def _read_jsonl(path: Path, fields: tuple[str, ...], labels: dict[str, str]) -> 
                 raise ValueError(f"{path}:{number}: label {label!r} is not in label_words {sorted(labels)}")
             if examples and (label is None) != (examples[-1].label is None):
                 raise ValueError(f"{path}:{number}: some records have a label and some do not")
-            examples.append(Example({name: str(record[name]) for name in fields}, label))
+            texts = {name: str(record[name]) for name in fields}
+            for name, text in texts.items():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{path}:{number}: field {name!r} is not valid Unicode text "
+                                     "(a lone surrogate)") from None
+            examples.append(Example(texts, label))
+    if not examples:
+        raise ValueError(f"{path}: no examples")
     return examples
 
 
@@ -146,7 +157,12 @@ def load_folder(path: str | Path) -> ClassificationData:
     for needed in (meta_path, root / "train.jsonl", root / "test.jsonl"):
         if not needed.is_file():
             raise FileNotFoundError(f"data folder {root} has no {needed.name}")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path}: not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: must be a JSON object")
     for key in ("template", "text_fields", "label_words"):
         if key not in meta:
             raise ValueError(f"{meta_path} has no {key!r}")
@@ -154,6 +170,11 @@ def load_folder(path: str | Path) -> ClassificationData:
     placeholders = {name for _, name, _, _ in string.Formatter().parse(meta["template"]) if name}
     if placeholders != set(fields):
         raise ValueError(f"{meta_path}: template fields {sorted(placeholders)} differ from text_fields {list(fields)}")
+    if not isinstance(meta["label_words"], dict) or not meta["label_words"]:
+        raise ValueError(f"{meta_path}: label_words must be an object mapping each label to its word, "
+                         f'e.g. {{"positive": "great", "negative": "terrible"}}')
+    if not isinstance(meta["text_fields"], list) or not isinstance(meta["template"], str):
+        raise ValueError(f"{meta_path}: text_fields must be a list of field names and template a string")
     label_words = {str(k): str(v) for k, v in meta["label_words"].items()}
     return ClassificationData(
         name=root.name,

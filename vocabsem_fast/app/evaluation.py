@@ -10,6 +10,8 @@ zero-shot prompt) and ``cosine`` (nearest label basis of the raw representation)
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,9 +36,10 @@ class VDS:
 
     uses_representations = ("train", "test")
 
+    RENAMED = {"train": "train_logits", "predict": "predict_logits"}  # short spec names
+
     def __init__(self, nproc: int = 1, **options):
-        renamed = {"train": "train_logits", "predict": "predict_logits"}
-        self.config = FitConfig(**{renamed.get(k, k): v for k, v in options.items()})
+        self.config = FitConfig(**{self.RENAMED.get(k, k): v for k, v in options.items()})
         if not isinstance(nproc, int) or nproc < 1:
             raise ValueError(f"nproc must be a positive int, got {nproc!r}")
         self.nproc = nproc  # > 1: data-parallel training over that many local processes
@@ -109,10 +112,26 @@ def make_method(spec: str):
         if not sep or not key:
             raise ValueError(f"method option {pair!r} in {spec!r} is not key=value")
         options[key.replace("-", "_")] = _value(value)
+    known = method_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for method {name!r} in {spec!r}; "
+                         f"valid options: {', '.join(known) or 'none'}")
     try:
         return FACTORIES[name](**options)
     except TypeError as exc:
         raise ValueError(f"bad option for method {name!r} in {spec!r}: {exc}") from None
+
+
+def method_options(name: str) -> list[str]:
+    """The option names a method's spec accepts (its constructor's keywords; VDS also takes
+    every field of the fit configuration, and train / predict for its logits)."""
+    factory = {"lora": AdapterTuning, "ia3": AdapterTuning}.get(name, FACTORIES[name])
+    params = inspect.signature(factory).parameters.values()
+    names = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "kind"]
+    if factory is VDS:
+        names += [*VDS.RENAMED, *(f.name for f in dataclasses.fields(FitConfig))]
+    return names
 
 
 def parse_methods(text: str) -> list[str]:

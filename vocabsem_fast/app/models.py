@@ -80,8 +80,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     path = default_model_dir(verbose=verbose) if name_or_path == DEFAULT_MODEL else name_or_path
     label = "the default model" if name_or_path == DEFAULT_MODEL else str(name_or_path)
     with step(f"loading {label}", enabled=verbose) as bar:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # offline: a name must already be in the local cache (no retries against the hub)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         bar.update()
     model.eval()
     return model, tokenizer

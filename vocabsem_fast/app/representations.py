@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +41,21 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def _cache_entry(cache_dir: Path, fingerprint: str, prompts: list[str]) -> tuple[Path, str]:
+# A prompt keeps at most this many of its last tokens (or the model's context, if shorter): the
+# end of a prompt holds the answer cue, and a batch of a few long texts must not exhaust memory.
+MAX_PROMPT_TOKENS = 2048
+
+
+def context_limit(model, cap: int) -> int:
+    """Tokens a prompt may hold: the model's positions, at most ``cap``."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(cap, positions) if positions else cap
+
+
+def _cache_entry(cache_dir: Path, fingerprint: str, prompts: list[str], max_tokens: int) -> tuple[Path, str]:
     """``(path, key)`` of the cache entry for these prompts under this model."""
-    key = content_key({"entry": _FORMAT, "model": fingerprint, "prompts": prompts})
+    key = content_key({"entry": _FORMAT, "model": fingerprint, "prompts": prompts, "max_tokens": max_tokens})
     return cache_dir / f"reps-{key[:32]}.safetensors", key
 
 
@@ -63,8 +76,8 @@ def batch_inputs(tokenizer, prompts: list[str], device, *, max_length: int | Non
 
 
 @torch.no_grad()
-def _encode_batch(model, tokenizer, prompts: list[str]) -> Representations:
-    ids, mask, positions = batch_inputs(tokenizer, prompts, next(model.parameters()).device)
+def _encode_batch(model, tokenizer, prompts: list[str], max_tokens: int) -> Representations:
+    ids, mask, positions = batch_inputs(tokenizer, prompts, next(model.parameters()).device, max_length=max_tokens)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
     states = out.hidden_states[-1].float()  # HF applies the final norm to the last entry
     keep = mask.bool().unsqueeze(-1)
@@ -80,13 +93,19 @@ def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "representations"
+    max_tokens = context_limit(model, MAX_PROMPT_TOKENS)
     path = key = None
     if use_cache:
-        path, key = _cache_entry(directory, model_fingerprint(model), list(prompts))
+        path, key = _cache_entry(directory, model_fingerprint(model), list(prompts), max_tokens)
         # a damaged or stale entry warns and gives None: recompute, and overwrite it below
         saved = load_tensors(path, key, names=_KINDS)
         if saved is not None:
             return Representations(*(saved[name] for name in _KINDS))
+    too_long = sum(len(ids) > max_tokens for ids in tokenizer(list(prompts))["input_ids"]) if prompts else 0
+    if too_long:
+        warnings.warn(f"{too_long} of {len(prompts)} prompts are longer than {max_tokens} tokens (the model's "
+                      f"context or the cap MAX_PROMPT_TOKENS): each keeps its last {max_tokens} tokens",
+                      stacklevel=2)
     # longest first: batches of similar length waste less on padding; order restored below
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     parts = []
@@ -96,7 +115,8 @@ def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache
 
         batches = tqdm(batches, desc=desc, unit="batch", leave=False)
     for start in batches:
-        parts.append(_encode_batch(model, tokenizer, [prompts[i] for i in order[start:start + batch_size]]))
+        parts.append(_encode_batch(model, tokenizer, [prompts[i] for i in order[start:start + batch_size]],
+                                   max_tokens))
     if parts:
         stacked = {name: torch.cat([getattr(p, name) for p in parts]) for name in _KINDS}
         inverse = torch.empty(len(order), dtype=torch.long)

@@ -26,13 +26,6 @@ def first_token_ids(tokenizer, words: list[str]) -> Tensor:
     return ids
 
 
-def context_limit(model, cap: int) -> int:
-    """Tokens a prompt may hold: the model's positions, at most ``cap``."""
-    config = model.config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return min(cap, positions) if positions else cap
-
-
 def head_logits(model, last: Tensor, token_ids: Tensor | None = None) -> Tensor:
     """Next-token logits (of ``token_ids`` only, if given) from last-layer states taken after
     the final norm: the LM head alone, no forward pass."""
