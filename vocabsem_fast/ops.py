@@ -8,6 +8,7 @@ opaque to the compiler, ``torch.compile(fullgraph=True)`` captures a call as one
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -421,6 +422,24 @@ def _similarity_args(scale, normalize, eps) -> tuple[float, bool, float]:
     )
 
 
+def _autocast_pair(hidden, bases):
+    """``(hidden, bases, context)``: under ``torch.autocast`` the pair runs in the autocast dtype,
+    as a matmul would (a bf16 model's hidden states meet float32 bases; gradients flow back
+    through the casts), and the op itself runs in ``context``, with autocast off, so that its own
+    float32 arithmetic stays float32."""
+    off = contextlib.nullcontext()
+    if not (isinstance(hidden, Tensor) and isinstance(bases, Tensor)):
+        return hidden, bases, off  # check_pair names the argument
+    device = hidden.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return hidden, bases, off
+    dtype = torch.get_autocast_dtype(device)
+    low = (torch.float32, torch.float16, torch.bfloat16)  # float64 stays as autocast leaves it
+    hidden = hidden.to(dtype) if hidden.dtype in low else hidden
+    bases = bases.to(dtype) if bases.dtype in low else bases
+    return hidden, bases, torch.autocast(device, enabled=False)
+
+
 def similarity_logits(
     hidden: Tensor, bases: Tensor, *, scale: float = 1.0, normalize: bool = True, eps: float = 1e-8,
     impl: str = "auto",
@@ -431,11 +450,13 @@ def similarity_logits(
     hidden: (..., d), bases: (V, d), same floating dtype and device. Returns (..., V) in that
     dtype (accumulated in float32). Differentiable in ``hidden`` and ``bases``.
     """
+    hidden, bases, context = _autocast_pair(hidden, bases)
     check_pair(hidden, bases)
     options = _similarity_args(scale, normalize, eps)
     backend = backends.resolve(impl, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    out = _logits_op(flat, bases, *options, backend)
+    with context:
+        out = _logits_op(flat, bases, *options, backend)
     return out.reshape(*hidden.shape[:-1], bases.shape[0])
 
 
@@ -479,6 +500,7 @@ def similarity_cross_entropy(
     ``return_lse=True`` returns ``(loss, lse)``: ``lse`` (shape of ``targets``, float32) is each
     row's log-sum-exp of the similarity logits, ignored rows included, and is differentiable.
     """
+    hidden, bases, context = _autocast_pair(hidden, bases)
     call = check_cross_entropy_args(hidden, bases, targets, scale=scale, normalize=normalize,
                                     ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                     eps=eps)
@@ -487,10 +509,11 @@ def similarity_cross_entropy(
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
     want = torch.is_grad_enabled()
-    loss, lse, _, _ = _cross_entropy_op(
-        flat, bases, flat_targets, call.scale, call.normalize, call.eps, call.ignore_index, call.reduction,
-        call.label_smoothing, backend, want and hidden.requires_grad, want and bases.requires_grad,
-    )
+    with context:
+        loss, lse, _, _ = _cross_entropy_op(
+            flat, bases, flat_targets, call.scale, call.normalize, call.eps, call.ignore_index, call.reduction,
+            call.label_smoothing, backend, want and hidden.requires_grad, want and bases.requires_grad,
+        )
     loss = loss.reshape(targets.shape) if call.reduction == "none" else loss
     return (loss, lse.reshape(targets.shape)) if return_lse else loss
 
@@ -505,12 +528,14 @@ def similarity_topk(
     Returns values (..., k) float32 (float64 for float64 inputs), sorted descending, and indices
     (..., k) int64. Values are differentiable in ``hidden`` and ``bases``; ties may break either way.
     """
+    hidden, bases, context = _autocast_pair(hidden, bases)
     check_pair(hidden, bases)
     k = check_int(k, "k", low=1, high=bases.shape[0])
     options = _similarity_args(scale, normalize, eps)
     backend = backends.resolve(impl, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    values, indices = _topk_op(flat, bases, k, *options, backend)
+    with context:
+        values, indices = _topk_op(flat, bases, k, *options, backend)
     shape = (*hidden.shape[:-1], k)
     return values.reshape(shape), indices.reshape(shape)
 

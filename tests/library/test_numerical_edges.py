@@ -43,3 +43,33 @@ def test_zero_upstream_gives_zero_gradients_even_where_they_overflow(impl, dtype
     (vf.similarity_cross_entropy(hidden, bases, targets, scale=5.0, impl=impl) * 0.0).backward()
     assert torch.equal(bases.grad, torch.zeros_like(bases)), "bases.grad must be zero, got " + str(bases.grad)
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "logits", "topk"])
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_autocast_runs_the_pair_in_the_autocast_dtype(impl, op):
+    """A bf16-autocast model's hidden states (bf16) against float32 bases: the op runs as on both
+    cast to bf16, and the float32 bases get a float32 gradient."""
+    layer = torch.nn.Linear(19, 19)
+    x = make(23, 19)
+    bases = make(131, 19, requires_grad=True)
+    targets = make_targets((23,), 131)
+
+    def run(h, b):
+        if op == "cross_entropy":
+            return vf.similarity_cross_entropy(h, b, targets, scale=5.0, impl=impl)
+        if op == "logits":
+            return vf.similarity_logits(h, b, scale=5.0, impl=impl).float().square().mean()
+        return vf.similarity_topk(h, b, 3, scale=5.0, impl=impl)[0].sum()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = layer(x)
+        assert hidden.dtype == torch.bfloat16
+        out = run(hidden, bases)
+    out.backward()
+    expected_bases = leaf(bases, torch.bfloat16)
+    expected = run(hidden.detach(), expected_bases)
+    expected.backward()
+    assert_close(out, expected, rtol=0, atol=0, name="value")
+    assert bases.grad.dtype == torch.float32
+    assert_close(bases.grad, expected_bases.grad.float(), rtol=0, atol=0, name="bases.grad")
