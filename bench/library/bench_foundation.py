@@ -55,3 +55,19 @@ def test_topk(benchmark, inputs, contender):
     benchmark.pedantic(workloads.topk_step, args=(contender, hidden, bases), rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(peak_memory.measure(contender, SHAPE.name, "topk", dtype))
     benchmark.extra_info["gemm_flops"] = SHAPE.gemm_flops
+
+
+@pytest.mark.parametrize("contender", ["reference", *workloads.BACKENDS])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_soft_assign(benchmark, contender, dtype):
+    a = workloads.SOFT_ASSIGN
+    benchmark.group = f"soft assignment N={a['n']} K={a['k']} d={a['d']} {dtype}"
+    points, centroids = workloads.soft_assign_inputs(workloads.DTYPES[dtype])
+    probs = benchmark.pedantic(workloads.soft_assign_step, args=(contender, points, centroids), rounds=5,
+                               warmup_rounds=1)
+    expected = workloads.soft_assign_step("reference", points.double(), centroids.double())
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    torch.testing.assert_close(probs.double(), expected, rtol=tol, atol=tol)
+    benchmark.extra_info["gemm_flops"] = 2.0 * a["n"] * a["k"] * a["d"]
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info["rounds"] = 5

@@ -28,7 +28,7 @@ def table(data: dict) -> str:
             peak = extra.get("extra_peak_bytes", float("nan"))
             ratio_t = median / ref["stats"]["median"] if ref else float("nan")
             work = extra.get("workspace_bytes", float("nan"))
-            ratio_m = ref["extra_info"]["workspace_bytes"] / max(work, 1) if ref else float("nan")
+            ratio_m = ref["extra_info"].get("workspace_bytes", float("nan")) / max(work, 1) if ref else float("nan")
             gflops = extra.get("gemm_flops", 0) / median / 1e9
             lines.append(f"| {name} | {median:.3f} | {ratio_t:.2f} | {gflops:.1f} | {peak / 2**20:.1f} "
                          f"| {work / 2**20:.1f} | {ratio_m:.1f} |")

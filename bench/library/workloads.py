@@ -105,6 +105,22 @@ def hard_assign_step(contender: str, points, centroids):
     return vs.assign(points, centroids, hard=True, normalize=False, impl=contender)
 
 
+SOFT_ASSIGN = dict(n=200_000, k=8, d=576)  # every position of a batch against a task's label words
+
+
+def soft_assign_inputs(dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randn(SOFT_ASSIGN["n"], SOFT_ASSIGN["d"], generator=g).to(dtype)
+    centroids = torch.randn(SOFT_ASSIGN["k"], SOFT_ASSIGN["d"], generator=g).to(dtype)
+    return points, centroids
+
+
+def soft_assign_step(contender: str, points, centroids):
+    if contender == "reference":
+        return vs.reference.assign(points, centroids, hard=False)
+    return vs.assign(points, centroids, hard=False, impl=contender)
+
+
 def topk_step(contender: str, hidden, bases, k: int = 5):
     if contender == "reference":
         return vs.reference.similarity_topk(hidden, bases, k, scale=SCALE)

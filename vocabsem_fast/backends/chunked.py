@@ -41,6 +41,23 @@ def column_chunks(rows: int, v: int) -> Iterator[tuple[int, int]]:
         yield start, min(v, start + width)
 
 
+def native_low_precision(x: Tensor) -> bool:
+    """Half-precision GEMMs that run natively: bf16 on the CPU (oneDNN), bf16 / fp16 on a GPU."""
+    return x.dtype == torch.bfloat16 or (x.dtype == torch.float16 and x.device.type == "cuda")
+
+
+def scaled_soft_assign(points: Tensor, centroids: Tensor, sim: SimilarityOptions, inverse_norms_fn) -> Tensor:
+    """Soft assignment (B, N, K) in float32 from a native half-precision bmm (fp32 accumulation,
+    a rounded product as the naive path's): inverse norms enter as scales, so the points are
+    never widened or copied normalised."""
+    scores = torch.bmm(points, centroids.transpose(1, 2)).float()
+    if sim.normalize:
+        inv_p = inverse_norms_fn(points.reshape(-1, points.shape[-1]), sim.eps).view(points.shape[:-1])
+        inv_c = inverse_norms_fn(centroids.reshape(-1, centroids.shape[-1]), sim.eps).view(centroids.shape[:-1])
+        scores.mul_(inv_p[..., None]).mul_(inv_c[:, None, :])
+    return torch.softmax(scores.mul_(sim.scale), dim=-1)
+
+
 class RowNormalizer:
     """Rows of ``x`` in the accumulation dtype, divided by ``max(||row||, eps)`` when normalising,
     produced a slice at a time, with the matching backward."""
@@ -227,6 +244,8 @@ class TorchBackend(Backend):
         return norm, norm.rows().view(x.shape)
 
     def soft_assign(self, points, centroids, sim):
+        if native_low_precision(points):
+            return scaled_soft_assign(points, centroids, sim, inverse_norms)
         _, pn = self._batched_normalized(points, sim)
         _, cn = self._batched_normalized(centroids, sim)
         return torch.softmax(torch.bmm(pn, cn.transpose(1, 2)) * sim.scale, dim=-1)

@@ -7,8 +7,9 @@ autograd backward only scales them. bf16 inputs multiply natively (oneDNN: AVX51
 and keep bf16 scores. A forward without gradients runs the strips too for bf16, and for fp32 /
 fp16 the chunked online log-sum-exp of the torch backend, whose tiles stay in cache (measured
 faster than a full-vocabulary strip in fp32: bench/results/foundation-cpu.md). Top-k (and so
-hard assignment) scans GEMM tiles with a running per-row top-k in C++. Logits, soft assignment
-and the k-means update are not fused here: the registry runs them on the torch backend.
+hard assignment) scans GEMM tiles with a running per-row top-k in C++. Soft assignment of bf16
+runs a native bmm with the C++ row norms as scales; other dtypes, its backward, logits and the
+k-means update run on the torch backend.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..options import SimilarityOptions, accumulate_dtype
-from .chunked import TorchBackend, batched_argmax_by_topk
+from .chunked import TorchBackend, batched_argmax_by_topk, native_low_precision, scaled_soft_assign
 from .interface import Backend, Capabilities
 from .strips import TorchNormalization, strip_cross_entropy
 from .tiles import current_tiles
@@ -133,7 +134,7 @@ class CpuBackend(Backend):
     capabilities = Capabilities(
         devices=("cpu",),
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-        ops=frozenset({"cross_entropy", "topk", "batched_argmax"}),
+        ops=frozenset({"cross_entropy", "topk", "batched_argmax", "soft_assign"}),
         # the C++ top-k keeps each row's best k sorted and inserts by shifting: cheap for the k of
         # decoding, lenses and hard assignment; a larger k runs on the torch backend
         max_topk=64,
@@ -170,6 +171,15 @@ class CpuBackend(Backend):
 
     def batched_argmax(self, points, centroids, sim):
         return batched_argmax_by_topk(self, points, centroids, sim)  # the C++ top-1 of each problem
+
+    def soft_assign(self, points, centroids, sim):
+        # bf16: a native bmm with the C++ row norms as scales; other dtypes as the torch backend
+        if native_low_precision(points):
+            return scaled_soft_assign(points.contiguous(), centroids.contiguous(), sim, self.kernels.inverse_norms)
+        return self._online.soft_assign(points, centroids, sim)
+
+    def soft_assign_backward(self, grad, probs, points, centroids, sim, need_points, need_centroids):
+        return self._online.soft_assign_backward(grad, probs, points, centroids, sim, need_points, need_centroids)
 
     def topk_backward(self, grad_values, hidden, bases, indices, sim, need_hidden, need_bases):
         # one gather per picked basis: the torch form is already the whole computation
