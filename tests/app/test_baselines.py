@@ -132,6 +132,9 @@ def test_knn_prompting_is_a_vote_over_kl_nearest_anchors(shots):
 
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
 def test_adapter_training_learns_the_label_word_and_leaves_the_lm_alone(kind):
+    # a learning threshold on a random tiny model and data: seeded, so the check is stable (with
+    # the run's seed, about one run in many drew a model LoRA fits to only 0.68 in 15 epochs)
+    torch.manual_seed(12345)
     task = tiny_task(n_train=40, n_test=12)
     original = {k: v.clone() for k, v in task.model.state_dict().items()}
     method = AdapterTuning(kind, epochs=15, lr=3e-2 if kind == "lora" else 1e-1, batch_size=8)
