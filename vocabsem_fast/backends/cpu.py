@@ -34,6 +34,13 @@ BASES_FRACTION = 8
 CONVERT_ROWS = 4096
 
 
+def _safe_targets(targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(targets with ignored rows pointing at column 0, the mask of rows that count): the C++
+    epilogue's contract."""
+    valid = targets != ignore_index
+    return torch.where(valid, targets, 0), valid
+
+
 class CpuStripKernels(TorchNormalization):
     """The strip algorithm's pieces on the CPU: ATen GEMMs, C++ row norms and the C++ epilogue.
 
@@ -71,20 +78,17 @@ class CpuStripKernels(TorchNormalization):
             torch.mm(rows, chunk.T, out=out[:, c0:c1] if c1 - c0 < out.shape[1] else out)
 
     def epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing):
-        valid = targets != ignore_index
-        safe = torch.where(valid, targets, 0)
+        safe, valid = _safe_targets(targets, ignore_index)
         return self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, weight, smoothing)
 
     def chunk_partials(self, scores, row_scale, col_scale, targets, ignore_index, smoothing, col_offset, vocab):
-        valid = targets != ignore_index
-        safe = torch.where(valid, targets, 0)
+        safe, valid = _safe_targets(targets, ignore_index)
         return self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, None, smoothing,
                                             col_offset=col_offset, vocab=vocab)
 
     def chunk_epilogue(self, scores, row_scale, col_scale, targets, ignore_index, weight, smoothing, lse, col_offset,
                        vocab):
-        valid = targets != ignore_index
-        safe = torch.where(valid, targets, 0)
+        safe, valid = _safe_targets(targets, ignore_index)
         self.ext.cross_entropy_strip(scores, row_scale.contiguous(), col_scale, safe, valid, weight.contiguous(),
                                      smoothing, lse=lse.contiguous(), col_offset=col_offset, vocab=vocab)
 
