@@ -9,12 +9,13 @@ from . import reference
 from .backends import available_backends
 from .bases import SemanticBasis, semantic_bases
 from .kmeans import kmeans
-from .ops import assign, similarity_cross_entropy, similarity_logits, similarity_topk
+from .ops import SimilarityCrossEntropyLoss, assign, similarity_cross_entropy, similarity_logits, similarity_topk
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SemanticBasis",
+    "SimilarityCrossEntropyLoss",
     "assign",
     "available_backends",
     "kmeans",

@@ -7,6 +7,8 @@ need the data (target ranges) run inside the ops.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -84,16 +86,33 @@ def check_targets(targets, hidden: Tensor) -> None:
 
 def check_number(value, name: str, *, positive: bool = False, low: float | None = None,
                  high: float | None = None) -> float:
+    """A finite real number (an int too large for a float, NaN and +-inf are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an int too large for a float") from None
     if value != value:
         raise ValueError(f"{name} must not be NaN")
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
-    if low is not None and value < low or high is not None and value > high:
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}" if high is None else
+                         f"{name} must lie in [{low}, {high}], got {value}")
+    if high is not None and value > high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
     return value
+
+
+def check_class_weight(weight, bases: Tensor) -> None:
+    """Per-class weights: a floating (V,) tensor on the bases' device."""
+    check_float(weight, "weight")
+    if tuple(weight.shape) != (bases.shape[0],):
+        raise ValueError(f"weight must have shape (V,) = ({bases.shape[0]},), got {tuple(weight.shape)}")
+    check_same_device(bases=bases, weight=weight)
 
 
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:

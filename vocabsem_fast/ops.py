@@ -18,6 +18,8 @@ from . import backends
 from ._validation import (
     check_assign_pair,
     check_bool,
+    check_class_weight,
+    check_float,
     check_int,
     check_number,
     check_pair,
@@ -28,7 +30,7 @@ from ._validation import (
 from .backends.normalization import inverse_norms, normalization_backward
 from .options import LossOptions, SimilarityOptions, accumulate_dtype
 
-__all__ = ["similarity_logits", "similarity_cross_entropy", "similarity_topk", "assign"]
+__all__ = ["similarity_logits", "similarity_cross_entropy", "SimilarityCrossEntropyLoss", "similarity_topk", "assign"]
 
 _LIB = "vocabsem_fast"
 
@@ -94,65 +96,174 @@ _logits_op.register_autograd(_logits_autograd, setup_context=_logits_setup)
 
 
 # --- similarity cross-entropy ---------------------------------------------------------------------
-def _reduce_rows(per_row: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    """"none" keeps rows; "mean" divides by the non-ignored count (0.0 when there are none)."""
+# The kernels compute each row's plain loss L_i = lse_i - (1 - ls) z[i, t_i] - ls / V sum_j z[i, j]
+# and its log-sum-exp. Class weights and the z-loss are assembled from those two and, for class
+# weights with label smoothing (F.cross_entropy weighs the smoothing sum class by class), from the
+# weighted score sum S_i = sum_j w_j z[i, j], a rank-one term. Every addition is O((N + V) d).
+@dataclass(frozen=True)
+class _LossTerms:
+    smoothing: float
+    z_loss: float
+    weighted: bool
+
+    @property
+    def kernel_smoothing(self) -> float:
+        """With class weights the kernels run unsmoothed: the smoothing sum is weighted per class."""
+        return 0.0 if self.weighted else self.smoothing
+
+    @property
+    def weighted_smoothing(self) -> bool:
+        return self.weighted and self.smoothing > 0
+
+    @property
+    def plain(self) -> bool:
+        """The row loss is the kernels' L_i itself."""
+        return not self.weighted and self.z_loss == 0
+
+    @property
+    def kernel_factor(self) -> float:
+        return 1.0 - self.smoothing if self.weighted else 1.0
+
+    @property
+    def uses_lse(self) -> bool:
+        """The row loss depends on lse beyond L_i (so its gradient needs the recomputing pass)."""
+        return self.z_loss != 0 or self.weighted_smoothing
+
+
+def _row_weights(targets: Tensor, valid: Tensor, class_weight: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Each row's weight: w[t_i] (1 without class weights), 0 where the target is ignored."""
+    weights = valid.to(dtype)
+    if class_weight is not None:
+        weights = weights * class_weight.to(dtype)[torch.where(valid, targets, 0)]
+    return weights
+
+
+def _mean_divisor(row_weights: Tensor) -> Tensor:
+    """The summed weights of the non-ignored rows; 1 when they sum to zero (the loss is then 0.0)."""
+    total = row_weights.sum()
+    return torch.where(total == 0, torch.ones_like(total), total)
+
+
+def _reduce_rows(per_row: Tensor, row_weights: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return per_row
     total = per_row.sum()
-    return total if reduction == "sum" else total / valid.sum().clamp_min(1).to(total.dtype)
+    return total if reduction == "sum" else total / _mean_divisor(row_weights)
 
 
-def _row_upstream(grad: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    """The upstream gradient of each row's loss (zero for ignored rows)."""
-    if reduction == "none":
-        return torch.where(valid, grad, 0.0)
+def _row_gradient(grad: Tensor, row_weights: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """The upstream gradient of each row's (assembled) loss, zero for ignored rows."""
     if reduction == "mean":
-        grad = grad / valid.sum().clamp_min(1).to(grad.dtype)
+        grad = grad / _mean_divisor(row_weights).to(grad.dtype)
     return torch.where(valid, grad.expand(valid.shape), 0.0)
+
+
+def _weighted_basis_sum(bases: Tensor, class_weight: Tensor | None, normalize: bool, eps: float,
+                        inv_b: Tensor | None) -> Tensor:
+    """sum_j w_j bn_j (float32 or float64, (d,)), a V-chunk of the bases at a time."""
+    acc = accumulate_dtype(bases.dtype)
+    total = torch.zeros(bases.shape[1], dtype=acc, device=bases.device)
+    step = 1 << 14
+    for c0 in range(0, bases.shape[0], step):
+        coefficients = None if inv_b is None else inv_b[c0:c0 + step]
+        if class_weight is not None:
+            w = class_weight[c0:c0 + step].to(acc)
+            coefficients = w if coefficients is None else coefficients * w
+        chunk = bases[c0:c0 + step].to(acc)
+        total += chunk.sum(0) if coefficients is None else coefficients @ chunk
+    return total
+
+
+def _weighted_score_sums(hidden: Tensor, bases: Tensor, class_weight: Tensor, sim: SimilarityOptions) -> Tensor:
+    """S_i = sum_j w_j z[i, j] = scale * hn_i . sum_j w_j bn_j."""
+    inv_b = inverse_norms(bases, sim.eps) if sim.normalize else None
+    total = _weighted_basis_sum(bases, class_weight, sim.normalize, sim.eps, inv_b)
+    sums = hidden.to(total.dtype) @ total
+    if sim.normalize:
+        sums = sums * inverse_norms(hidden, sim.eps)
+    return sim.scale * sums
+
+
+def _score_sums_backward(e: Tensor, hidden: Tensor, bases: Tensor, class_weight: Tensor | None, normalize: bool,
+                         eps: float, need_hidden: bool, need_bases: bool):
+    """Gradients of ``sum_i e_i sum_j w_j hn_i . bn_j`` (w = 1 without class weights): a rank-one
+    term on each side."""
+    acc = e.dtype
+    inv_h = inverse_norms(hidden, eps) if normalize else None
+    inv_b = inverse_norms(bases, eps) if normalize else None
+    dh = db = None
+    if need_hidden:
+        dhn = e[:, None] * _weighted_basis_sum(bases, class_weight, normalize, eps, inv_b)[None, :]
+        part = dhn if inv_h is None else normalization_backward(hidden, inv_h, dhn, eps, out=dhn)
+        dh = part.to(hidden.dtype)
+    if need_bases:
+        hn = hidden.to(acc) if inv_h is None else hidden.to(acc) * inv_h[:, None]
+        row = (e[:, None] * hn).sum(0)
+        dbn = row.expand(bases.shape).contiguous() if class_weight is None else \
+            class_weight.to(acc)[:, None] * row[None, :]
+        part = dbn if inv_b is None else normalization_backward(bases, inv_b, dbn, eps, out=dbn)
+        db = part.to(bases.dtype)
+    return dh, db
 
 
 def _cross_entropy_backend(impl: str, hidden: Tensor) -> backends.Backend:
     return backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
 
 
-def _forward_gradients(backend: backends.Backend, reduction: str, grad_hidden: bool,
+def _forward_gradients(backend: backends.Backend, reduction: str, terms: _LossTerms, grad_hidden: bool,
                        grad_bases: bool) -> tuple[bool, bool]:
     """Which gradients the cross-entropy op returns from its forward pass: those asked for, when
-    the loss is reduced and the backend forms them there (data-independent, so the fake agrees)."""
-    early = reduction != "none" and backend.capabilities.gradients_in_forward
+    the loss is reduced, its rows are weighted copies of L_i and the backend forms them there
+    (data-independent, so the fake agrees)."""
+    early = reduction != "none" and not terms.uses_lse and backend.capabilities.gradients_in_forward
     return early and grad_hidden, early and grad_bases
 
 
 @torch.library.custom_op(f"{_LIB}::similarity_cross_entropy", mutates_args=())
 def _cross_entropy_op(
-    hidden: Tensor, bases: Tensor, targets: Tensor, scale: float, normalize: bool, eps: float,
-    ignore_index: int, reduction: str, label_smoothing: float, impl: str, grad_hidden: bool, grad_bases: bool,
+    hidden: Tensor, bases: Tensor, targets: Tensor, class_weight: Tensor | None, scale: float, normalize: bool,
+    eps: float, ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, impl: str,
+    grad_hidden: bool, grad_bases: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, lse, d loss/d hidden, d loss/d bases). ``grad_*`` ask for the gradients of a reduced
     loss from the forward pass; a backend that cannot (or "none") returns empty ones and the
     backward op recomputes."""
     check_target_range(targets, bases.shape[0], ignore_index)
     backend = _cross_entropy_backend(impl, hidden)
-    early_hidden, early_bases = _forward_gradients(backend, reduction, grad_hidden, grad_bases)
+    terms = _LossTerms(label_smoothing, z_loss, class_weight is not None)
+    early_hidden, early_bases = _forward_gradients(backend, reduction, terms, grad_hidden, grad_bases)
+    acc = accumulate_dtype(hidden.dtype)
     valid = targets != ignore_index
-    weight = None
+    row_weights = _row_weights(targets, valid, class_weight, acc)
+    upstream = None
     if early_hidden or early_bases:
-        weight = _row_upstream(torch.ones((), dtype=accumulate_dtype(hidden.dtype), device=hidden.device), valid,
-                               reduction)
+        upstream = _row_gradient(torch.ones((), dtype=acc, device=hidden.device), row_weights, valid,
+                                 reduction) * row_weights
+    sim = SimilarityOptions(scale, normalize, eps)
     per_row, lse, dh, db = backend.cross_entropy(
-        hidden, bases, targets, SimilarityOptions(scale, normalize, eps), LossOptions(ignore_index, label_smoothing),
-        weight, early_hidden, early_bases,
+        hidden, bases, targets, sim, LossOptions(ignore_index, terms.kernel_smoothing), upstream, early_hidden,
+        early_bases,
     )
-    return _reduce_rows(per_row, valid, reduction), lse, _or_empty(dh, hidden), _or_empty(db, bases)
+    if not terms.plain:
+        rows = per_row * (row_weights * terms.kernel_factor)
+        if terms.weighted_smoothing:
+            total_weight = class_weight.to(acc).sum()
+            rows = rows + (label_smoothing / bases.shape[0]) * (
+                total_weight * lse - _weighted_score_sums(hidden, bases, class_weight, sim))
+        if z_loss:
+            rows = rows + z_loss * row_weights * lse.square()
+        per_row = torch.where(valid, rows, 0.0)
+    return _reduce_rows(per_row, row_weights, reduction), lse, _or_empty(dh, hidden), _or_empty(db, bases)
 
 
 @_cross_entropy_op.register_fake
-def _(hidden, bases, targets, scale, normalize, eps, ignore_index, reduction, label_smoothing, impl,
-      grad_hidden, grad_bases):
+def _(hidden, bases, targets, class_weight, scale, normalize, eps, ignore_index, reduction, label_smoothing, z_loss,
+      impl, grad_hidden, grad_bases):
     acc = accumulate_dtype(hidden.dtype)
     n = hidden.shape[0]
     loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
-    dh, db = _fake_grads(hidden, bases, *_forward_gradients(_cross_entropy_backend(impl, hidden), reduction,
+    terms = _LossTerms(label_smoothing, z_loss, class_weight is not None)
+    dh, db = _fake_grads(hidden, bases, *_forward_gradients(_cross_entropy_backend(impl, hidden), reduction, terms,
                                                             grad_hidden, grad_bases))
     return loss, hidden.new_empty(n, dtype=acc), dh, db
 
@@ -162,7 +273,7 @@ def _cross_entropy_backward_op(
     row_weight: Tensor, hidden: Tensor, bases: Tensor, targets: Tensor, lse: Tensor, scale: float, normalize: bool,
     eps: float, ignore_index: int, label_smoothing: float, impl: str, need_hidden: bool, need_bases: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum_i row_weight_i * loss_i`` (``row_weight`` zero where the target is ignored)."""
+    """Gradients of ``sum_i row_weight_i * L_i`` (``row_weight`` zero where the target is ignored)."""
     dh, db = _cross_entropy_backend(impl, hidden).cross_entropy_backward(
         row_weight, hidden, bases, targets, lse, SimilarityOptions(scale, normalize, eps),
         LossOptions(ignore_index, label_smoothing), need_hidden, need_bases,
@@ -179,46 +290,31 @@ def _(row_weight, hidden, bases, targets, lse, scale, normalize, eps, ignore_ind
 def _lse_target_terms_backward(grad_lse: Tensor, hidden: Tensor, bases: Tensor, targets: Tensor, scale: float,
                                normalize: bool, eps: float, smoothing: float, need_hidden: bool, need_bases: bool):
     """Gradients of ``sum_i g_i ((1 - ls) z[i, t_i] + ls / V sum_j z[i, j])``: what the log-sum-exp
-    adds to a row's loss beyond the loss itself (lse = loss + those terms), in O((N + V) d). The
-    target term is a top-1 score with index t_i, so the top-k backward gives it."""
-    acc = accumulate_dtype(hidden.dtype)
-    g = grad_lse.to(acc)
+    adds to a row's loss beyond L_i (lse = L_i + those terms), in O((N + V) d). The target term
+    is a top-1 score with index t_i, so the top-k backward gives it."""
+    g = grad_lse.to(accumulate_dtype(hidden.dtype))
     sim = SimilarityOptions(scale, normalize, eps)
     dh, db = backends.get("torch").topk_backward((g * (1.0 - smoothing))[:, None], hidden, bases, targets[:, None],
                                                  sim, need_hidden, need_bases)
     if smoothing == 0:
         return dh, db
-    # sum_j z[i, j] = scale * hn_i . sum_j bn_j: a rank-one term on each side
-    e = g * (scale * smoothing / bases.shape[0])
-    inv_h = inverse_norms(hidden, eps) if normalize else None
-    inv_b = inverse_norms(bases, eps) if normalize else None
-    if need_hidden:
-        total = torch.zeros(bases.shape[1], dtype=acc, device=bases.device)
-        step = 1 << 14  # the (normalised) bases summed a V-chunk at a time
-        for c0 in range(0, bases.shape[0], step):
-            chunk = bases[c0:c0 + step].to(acc)
-            total += chunk.sum(0) if inv_b is None else inv_b[c0:c0 + step] @ chunk
-        dhn = e[:, None] * total[None, :]
-        part = dhn if inv_h is None else normalization_backward(hidden, inv_h, dhn, eps, out=dhn)
-        dh = dh + part.to(hidden.dtype)
-    if need_bases:
-        hn = hidden.to(acc) if inv_h is None else hidden.to(acc) * inv_h[:, None]
-        dbn = ((e[:, None] * hn).sum(0)).expand(bases.shape).contiguous()
-        part = dbn if inv_b is None else normalization_backward(bases, inv_b, dbn, eps, out=dbn)
-        db = db + part.to(bases.dtype)
-    return dh, db
+    th, tb = _score_sums_backward(g * (scale * smoothing / bases.shape[0]), hidden, bases, None, normalize, eps,
+                                  need_hidden, need_bases)
+    return (dh + th if need_hidden else None), (db + tb if need_bases else None)
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    hidden, bases, targets, *options = inputs
-    ctx.options = options[:-2]  # without the grad_hidden / grad_bases requests
+    hidden, bases, targets, class_weight, scale, normalize, eps, ignore_index, reduction, smoothing, z_loss, impl, \
+        grad_hidden, grad_bases = inputs
+    ctx.options = (scale, normalize, eps, ignore_index, reduction, smoothing, impl)
+    ctx.terms = _LossTerms(smoothing, z_loss, class_weight is not None)
     ctx.n_inputs = len(inputs)
     loss, lse, dh, db = output
     ctx.mark_non_differentiable(dh, db)
     # Unused outputs get None as their gradient, not zeros: zeros_like(db) would be a V x d buffer.
     ctx.set_materialize_grads(False)
-    impl, reduction = options[-3], options[-5]
-    precomputed = any(_forward_gradients(_cross_entropy_backend(impl, hidden), reduction, options[-2], options[-1]))
+    precomputed = any(_forward_gradients(_cross_entropy_backend(impl, hidden), reduction, ctx.terms, grad_hidden,
+                                         grad_bases))
     # In eager mode gradients formed in the forward pass stay outside the saved tensors: the first
     # backward scales them in place and drops them, so no second gradient-sized buffer exists (a
     # later backward under retain_graph finds none and recomputes). Tracers (torch.compile,
@@ -226,13 +322,14 @@ def _cross_entropy_setup(ctx, inputs, output):
     eager = type(dh) is torch.Tensor
     ctx.early_grads = (dh, db) if precomputed and eager else None
     ctx.saved_early = precomputed and not eager
-    ctx.save_for_backward(hidden, bases, targets, lse, *((dh, db) if ctx.saved_early else ()))
+    ctx.save_for_backward(hidden, bases, targets, lse, class_weight, *((dh, db) if ctx.saved_early else ()))
 
 
 def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
-    hidden, bases, targets, lse, *saved = ctx.saved_tensors
+    hidden, bases, targets, lse, class_weight, *saved = ctx.saved_tensors
     early, ctx.early_grads = ctx.early_grads, None
     scale, normalize, eps, ignore_index, reduction, smoothing, impl = ctx.options
+    terms = ctx.terms
     need_hidden, need_bases = ctx.needs_input_grad[:2]
     rest = ctx.n_inputs - 2  # inputs after hidden and bases: never differentiable
     if grad_loss is None and grad_lse is None:  # neither output was used: nothing flows back
@@ -249,23 +346,36 @@ def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
         return _needed(ctx, dh, db, rest)
     # One recomputing pass (also when the log-sum-exp is used and the loss's gradients came from
     # the forward pass: every backward of the graph then takes the same path, so a second one
-    # under retain_graph gives the same bits). The log-sum-exp's gradient rides on the loss's:
-    # lse_i = loss_i + (1 - ls) z[i, t_i] + ls / V sum_j z[i, j] for any valid t_i, so a row gets
-    # weight (its loss's upstream + its lse's) with ignored rows given target 0, and the extra
-    # terms are added in O((N + V) d).
-    valid = targets != ignore_index
+    # under retain_graph gives the same bits). Each row's loss is a combination of L_i, lse_i and
+    # S_i; the pass takes L_i's and lse_i's coefficients together (lse_i = L_i + target terms for
+    # any valid t_i, so rows whose lse is used get target 0 where theirs is ignored), and the
+    # target terms and S_i's rank-one term are added in O((N + V) d).
     acc = lse.dtype
-    weight = torch.zeros_like(lse) if grad_loss is None else _row_upstream(grad_loss.to(acc), valid, reduction)
+    valid = targets != ignore_index
+    row_weights = _row_weights(targets, valid, class_weight, acc)
+    g = torch.zeros_like(lse) if grad_loss is None else _row_gradient(grad_loss.to(acc), row_weights, valid,
+                                                                      reduction)
+    weight = g * row_weights * terms.kernel_factor if terms.weighted else g
+    lse_coefficient = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(acc)
+    if terms.z_loss:
+        lse_coefficient = lse_coefficient + (2.0 * terms.z_loss) * g * row_weights * lse
+    if terms.weighted_smoothing:
+        lse_coefficient = lse_coefficient + g * (smoothing * class_weight.to(acc).sum() / bases.shape[0])
     pass_targets, pass_ignore = targets, ignore_index
-    if grad_lse is not None:
-        weight = weight + grad_lse.to(acc)
+    if grad_lse is not None or terms.uses_lse:
+        weight = weight + lse_coefficient
         pass_targets, pass_ignore = torch.where(valid, targets, 0), -1
     rh, rb = _cross_entropy_backward_op(weight, hidden, bases, pass_targets, lse, scale, normalize, eps, pass_ignore,
-                                        smoothing, impl, need_hidden, need_bases)
+                                        terms.kernel_smoothing, impl, need_hidden, need_bases)
     dh, db = (rh if need_hidden else None), (rb if need_bases else None)
-    if grad_lse is not None:
-        th, tb = _lse_target_terms_backward(grad_lse, hidden, bases, pass_targets, scale, normalize, eps, smoothing,
-                                            need_hidden, need_bases)
+    extras = []
+    if grad_lse is not None or terms.uses_lse:
+        extras.append(_lse_target_terms_backward(lse_coefficient, hidden, bases, pass_targets, scale, normalize, eps,
+                                                 terms.kernel_smoothing, need_hidden, need_bases))
+    if terms.weighted_smoothing:
+        extras.append(_score_sums_backward(g * (-scale * smoothing / bases.shape[0]), hidden, bases, class_weight,
+                                           normalize, eps, need_hidden, need_bases))
+    for th, tb in extras:
         dh = dh + th if need_hidden else None
         db = db + tb if need_bases else None
     return _needed(ctx, dh, db, rest)
@@ -487,23 +597,34 @@ def check_cross_entropy_args(hidden, bases, targets, *, scale, normalize, ignore
 def similarity_cross_entropy(
     hidden: Tensor, bases: Tensor, targets: Tensor, *, scale: float = 1.0, normalize: bool = True,
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-8,
-    impl: str = "auto", return_lse: bool = False,
+    impl: str = "auto", weight: Tensor | None = None, z_loss: float = 0.0, return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy of the similarity logits without ever holding the N x V logits.
 
     Equals ``F.cross_entropy(similarity_logits(hidden, bases, ...).float().view(-1, V),
-    targets.view(-1), ignore_index=..., reduction=..., label_smoothing=...)`` in value and in its
-    gradients w.r.t. ``hidden`` (..., d) and ``bases`` (V, d). ``targets`` has shape
-    ``hidden.shape[:-1]``. "mean" divides by the number of non-ignored targets and is 0.0 (zero
-    gradients) when all are ignored. The loss is float32 (float64 for float64 inputs).
+    targets.view(-1), weight=..., ignore_index=..., reduction=..., label_smoothing=...)`` in value
+    and in its gradients w.r.t. ``hidden`` (..., d) and ``bases`` (V, d). ``targets`` has shape
+    ``hidden.shape[:-1]``. "mean" divides by the summed weights of the non-ignored targets (their
+    number without ``weight``) and is 0.0 (zero gradients) when that is zero. The loss is float32
+    (float64 for float64 inputs).
 
+    ``weight``: optional (V,) per-class weights, as in ``F.cross_entropy`` (not differentiated).
+    ``z_loss``: adds ``w[t] * z_loss * lse**2`` to each non-ignored row (PaLM's auxiliary loss,
+    which keeps the log-sum-exp near zero), reduced with the loss.
     ``return_lse=True`` returns ``(loss, lse)``: ``lse`` (shape of ``targets``, float32) is each
     row's log-sum-exp of the similarity logits, ignored rows included, and is differentiable.
+
+    Cost: plain and class-weighted losses form their gradients in the forward pass where the
+    backend can (three GEMMs in all); a z-loss, or class weights with label smoothing, take one
+    recomputing backward pass (four).
     """
     hidden, bases, context = _autocast_pair(hidden, bases)
     call = check_cross_entropy_args(hidden, bases, targets, scale=scale, normalize=normalize,
                                     ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                     eps=eps)
+    if weight is not None:
+        check_class_weight(weight, bases)
+    z_loss = check_number(z_loss, "z_loss", low=0.0)
     return_lse = check_bool(return_lse, "return_lse")
     backend = backends.resolve(impl, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -511,11 +632,49 @@ def similarity_cross_entropy(
     want = torch.is_grad_enabled()
     with context:
         loss, lse, _, _ = _cross_entropy_op(
-            flat, bases, flat_targets, call.scale, call.normalize, call.eps, call.ignore_index, call.reduction,
-            call.label_smoothing, backend, want and hidden.requires_grad, want and bases.requires_grad,
+            flat, bases, flat_targets, None if weight is None else weight.detach(), call.scale, call.normalize,
+            call.eps, call.ignore_index, call.reduction, call.label_smoothing, z_loss, backend,
+            want and hidden.requires_grad, want and bases.requires_grad,
         )
     loss = loss.reshape(targets.shape) if call.reduction == "none" else loss
     return (loss, lse.reshape(targets.shape)) if return_lse else loss
+
+
+class SimilarityCrossEntropyLoss(torch.nn.Module):
+    """``similarity_cross_entropy`` as a module, as ``nn.CrossEntropyLoss`` is to
+    ``F.cross_entropy``: ``loss_fn(hidden, bases, targets)``. The options are checked here, once;
+    ``weight`` is a buffer (it follows ``.to()`` and is saved in the state dict)."""
+
+    def __init__(self, *, scale: float = 1.0, normalize: bool = True, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-8,
+                 weight: Tensor | None = None, z_loss: float = 0.0, impl: str = "auto"):
+        super().__init__()
+        self.scale, self.normalize, self.eps = _similarity_args(scale, normalize, eps)
+        self.ignore_index = check_int(ignore_index, "ignore_index")
+        self.reduction = check_reduction(reduction)
+        self.label_smoothing = check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+        self.z_loss = check_number(z_loss, "z_loss", low=0.0)
+        if weight is not None:
+            check_float(weight, "weight")
+            if weight.dim() != 1:
+                raise ValueError(f"weight must have shape (V,), got {tuple(weight.shape)}")
+        self.register_buffer("weight", weight)
+        if impl not in backends.IMPLS:
+            raise ValueError(f"impl must be one of {backends.IMPLS}, got {impl!r}")
+        self.impl = impl
+
+    def forward(self, hidden: Tensor, bases: Tensor, targets: Tensor) -> Tensor:
+        return similarity_cross_entropy(
+            hidden, bases, targets, scale=self.scale, normalize=self.normalize, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing, eps=self.eps, impl=self.impl,
+            weight=self.weight, z_loss=self.z_loss,
+        )
+
+    def extra_repr(self) -> str:
+        extras = "".join(f", {name}={getattr(self, name)!r}" for name in ("label_smoothing", "z_loss")
+                         if getattr(self, name))
+        return (f"scale={self.scale}, normalize={self.normalize}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}{extras}, impl={self.impl!r}")
 
 
 def similarity_topk(

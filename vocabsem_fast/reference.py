@@ -55,23 +55,37 @@ def similarity_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     eps: float = 1e-8,
+    weight: Tensor | None = None,
+    z_loss: float = 0.0,
 ) -> Tensor:
-    """``F.cross_entropy`` on the materialised float32 similarity logits.
+    """``F.cross_entropy`` on the materialised float32 similarity logits, plus the z-loss.
 
-    "mean" is the sum over non-ignored targets divided by their count, and 0.0 (with zero
-    gradients) when every target is ignored, where ``F.cross_entropy`` would give NaN.
+    ``weight`` (V,) has ``F.cross_entropy``'s meaning; ``z_loss`` adds ``w[t] * z_loss * lse**2``
+    to each non-ignored row (``w[t]`` = 1 without ``weight``). "mean" divides by the summed
+    weights of the non-ignored targets (their count without ``weight``), and is 0.0 (with zero
+    gradients) when that sum is zero, where ``F.cross_entropy`` would give NaN.
     """
     V = bases.shape[0]
     logits = _result_float(similarity_logits(hidden, bases, scale=scale, normalize=normalize, eps=eps))
     logits = logits.reshape(-1, V)
     flat_targets = targets.reshape(-1)
-    kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
-    if reduction == "mean":
-        total = F.cross_entropy(logits, flat_targets, reduction="sum", **kwargs)
-        count = (flat_targets != ignore_index).sum()
-        return total / count.clamp_min(1).to(total.dtype)
-    loss = F.cross_entropy(logits, flat_targets, reduction=reduction, **kwargs)
-    return loss.reshape(targets.shape) if reduction == "none" else loss
+    valid = flat_targets != ignore_index
+    class_weight = None if weight is None else weight.to(logits.dtype)
+    per_row = F.cross_entropy(logits, flat_targets, weight=class_weight, ignore_index=ignore_index,
+                              reduction="none", label_smoothing=label_smoothing)
+    row_weight = valid.to(logits.dtype)
+    if class_weight is not None:
+        row_weight = row_weight * class_weight[torch.where(valid, flat_targets, 0)]
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        per_row = per_row + torch.where(valid, row_weight * z_loss * lse.square(), 0.0)
+    if reduction == "none":
+        return per_row.reshape(targets.shape)
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    denominator = row_weight.sum()
+    return total / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
 
 
 def similarity_topk(

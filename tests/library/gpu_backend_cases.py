@@ -24,10 +24,11 @@ pytestmark = pytest.mark.skipif(not GPU_IMPLS, reason="no GPU backend is availab
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {"N37-d59-V1025": (37, 59, 1025), "N70-d130-V301": (70, 130, 301), "N5-d1-V200": (5, 1, 200)}
-LOSSES = {  # (reduction, label_smoothing, normalize, scale)
-    "mean": ("mean", 0.0, True, 20.0),
-    "sum-smooth": ("sum", 0.1, True, 20.0),
-    "none-raw": ("none", 0.0, False, 0.5),
+LOSSES = {  # (reduction, label_smoothing, normalize, scale, class weights and z-loss)
+    "mean": ("mean", 0.0, True, 20.0, False),
+    "sum-smooth": ("sum", 0.1, True, 20.0, False),
+    "none-raw": ("none", 0.0, False, 0.5, False),
+    "mean-weighted-smooth-z": ("mean", 0.1, True, 20.0, True),
 }
 
 
@@ -41,8 +42,9 @@ def _slack(dtype):
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 def test_cross_entropy_and_gradients(impl, shape, dtype, loss):
     n, d, v = SHAPES[shape]
-    reduction, smoothing, normalize, scale = LOSSES[loss]
+    reduction, smoothing, normalize, scale, options = LOSSES[loss]
     dt = DTYPES[dtype]
+    extra = dict(weight=torch.rand(v, device=DEVICE) + 0.1, z_loss=1e-3) if options else {}
     h64, b64 = make(n, d, dtype=torch.float64), make(v, d, dtype=torch.float64)
     if d == 1:
         # normalised d = 1 vectors are the constants +-1: the true gradients are 0 and what any
@@ -54,7 +56,7 @@ def test_cross_entropy_and_gradients(impl, shape, dtype, loss):
     for name, x_dtype, use in (("fused", dt, impl), ("ref", dt, None), ("truth", torch.float64, None)):
         h = h64.to(DEVICE, x_dtype).requires_grad_(True)
         b = b64.to(DEVICE, x_dtype).requires_grad_(True)
-        kwargs = dict(scale=scale, normalize=normalize, reduction=reduction, label_smoothing=smoothing)
+        kwargs = dict(scale=scale, normalize=normalize, reduction=reduction, label_smoothing=smoothing, **extra)
         out = (vs.similarity_cross_entropy(h, b, targets, impl=use, **kwargs) if use
                else ref.similarity_cross_entropy(h, b, targets, **kwargs))
         (out.double() * upstream.to(DEVICE)).sum().backward()

@@ -121,6 +121,21 @@ def test_opcheck_similarity_cross_entropy(impl, grad, dtype, reduction, label_sm
     assert "similarity_cross_entropy" in rec.names
 
 
+@pytest.mark.parametrize("options", [dict(weight=True), dict(z_loss=1e-2), dict(weight=True, label_smoothing=0.1)],
+                         ids=["weight", "z", "weight-smooth"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("grad", ["both", "bases"])
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_opcheck_cross_entropy_options(impl, grad, reduction, options):
+    hidden, bases = _pair(requires_grad=GRAD_CASES[grad])
+    targets = make_targets((N,), V)
+    options = dict(options, weight=torch.rand(V)) if options.get("weight") else options
+    rec = _check(lambda: _backward(vf.similarity_cross_entropy(hidden, bases, targets, scale=3.0, reduction=reduction,
+                                                               impl=impl, **options)))
+    assert {"similarity_cross_entropy", "similarity_cross_entropy_backward"} <= rec.names or (
+        reduction == "mean" and "z_loss" not in options and "label_smoothing" not in options)
+
+
 @pytest.mark.parametrize("grad", GRAD_CASES.keys())
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_opcheck_similarity_topk(impl, grad):
