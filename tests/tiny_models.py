@@ -32,6 +32,41 @@ def tiny_phi(vocab: int = 101, d: int = 16):
     return PhiForCausalLM(cfg).eval()
 
 
+def _tiny_decoder(config_cls, model_cls, vocab: int, d: int, **extra):
+    cfg = config_cls(vocab_size=vocab, hidden_size=d, intermediate_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
+                     pad_token_id=0, **extra)
+    return model_cls(cfg).eval()
+
+
+def tiny_qwen2(vocab: int = 83, d: int = 16):
+    """Qwen2: attention biases, untied head."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _tiny_decoder(Qwen2Config, Qwen2ForCausalLM, vocab, d, tie_word_embeddings=False)
+
+
+def tiny_gemma(vocab: int = 79, d: int = 16):
+    """Gemma: tied head, embeddings scaled by sqrt(d)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return _tiny_decoder(GemmaConfig, GemmaForCausalLM, vocab, d, head_dim=8)
+
+
+def tiny_mistral(vocab: int = 73, d: int = 16):
+    """Mistral: sliding-window attention, untied head."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _tiny_decoder(MistralConfig, MistralForCausalLM, vocab, d, sliding_window=4, tie_word_embeddings=False)
+
+
+def tiny_gemma2(vocab: int = 79, d: int = 16):
+    """Gemma 2: caps its final logits (final_logit_softcapping)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return _tiny_decoder(Gemma2Config, Gemma2ForCausalLM, vocab, d, head_dim=8)
+
+
 class WordTokenizer:
     """Splits on spaces into known words ("Ġword" ids) and single characters, GPT-2 style."""
 

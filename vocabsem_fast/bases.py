@@ -8,6 +8,7 @@ hash of its head weights.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,24 @@ from ._validation import check_float, check_number
 from .cache import content_key, default_cache_dir, load_tensors, save_tensors
 
 _CACHE_FORMAT = "vocabsem_fast.semantic_bases/2"
+# Heads already hashed in this process, with the state they were hashed in and their bases.
+# Hashing a large head costs a pass over it; a second switch on the same, unchanged head skips it.
+# (Keyed by id, the weight held weakly: tensors compare elementwise, so they cannot be dict keys.)
+_KNOWN_HEADS: dict[int, tuple[weakref.ref, tuple, tuple]] = {}
+
+
+def _known_head(weight: Tensor, stamp: tuple) -> tuple | None:
+    entry = _KNOWN_HEADS.get(id(weight))
+    if entry is None or entry[0]() is not weight or entry[1] != stamp:
+        return None
+    key, vectors, version = entry[2]
+    return (key, vectors) if vectors._version == version else None  # the vectors handed out unchanged
+
+
+def _remember_head(weight: Tensor, stamp: tuple, key: str, vectors: Tensor) -> None:
+    ident = id(weight)
+    ref = weakref.ref(weight, lambda _: _KNOWN_HEADS.pop(ident, None))
+    _KNOWN_HEADS[ident] = (ref, stamp, (key, vectors, vectors._version))
 
 
 def semantic_bases(lm_head_weight: Tensor, *, rcond: float | None = None) -> Tensor:
@@ -80,16 +99,22 @@ class SemanticBasis:
         without one it is loaded from ``model.name_or_path`` when first needed.
         """
         weight = lm_head_weight(model)
-        # the key covers the head's dtype and shape too, so a matching entry has the right ones
-        key = content_key({"entry": _CACHE_FORMAT, "rcond": rcond}, weight)
         directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "bases"
-        path = directory / f"bases-{key[:32]}.safetensors"
-        cached = load_tensors(path, key, names=["vectors"])
-        if cached is not None:
-            vectors = cached["vectors"]
+        stamp = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape), rcond, str(directory))
+        known = _known_head(weight, stamp)
+        if known is not None:
+            key, vectors = known
         else:
-            vectors = semantic_bases(weight.detach().cpu(), rcond=rcond)
-            save_tensors(path, key, {"vectors": vectors})
+            # the key covers the head's dtype and shape too, so a matching entry has the right ones
+            key = content_key({"entry": _CACHE_FORMAT, "rcond": rcond}, weight)
+            path = directory / f"bases-{key[:32]}.safetensors"
+            cached = load_tensors(path, key, names=["vectors"])
+            if cached is not None:
+                vectors = cached["vectors"]
+            else:
+                vectors = semantic_bases(weight.detach().cpu(), rcond=rcond)
+                save_tensors(path, key, {"vectors": vectors})
+            _remember_head(weight, stamp, key, vectors)
         name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         return cls(vectors, tokenizer=tokenizer, head_sha256=key, model_name=name)
 

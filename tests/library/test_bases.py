@@ -13,6 +13,13 @@ from vocabsem_fast import bases as bases_module
 from tiny_models import WordTokenizer, tiny_gpt2, tiny_llama, tiny_phi
 
 
+@pytest.fixture(autouse=True)
+def each_call_a_new_process(monkeypatch):
+    """The disk cache is what these tests check: the in-process memory of known heads (tested in
+    test_hf_training.py) is bypassed, as in a fresh process."""
+    monkeypatch.setattr(bases_module, "_known_head", lambda weight, stamp: None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(101, 7), (50, 13), (5, 5)])
 def test_semantic_bases_is_the_float64_pseudoinverse(dtype, shape):

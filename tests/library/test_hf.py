@@ -25,7 +25,7 @@ def test_swapped_head_logits_loss_generate_and_restore(model_and_bases):
     ids = torch.randint(0, 61, (2, 9))
     with torch.no_grad():
         original = model(ids).logits
-    switch = hf.use_similarity_logits(model, scale=7.5, bases=bases)
+    switch = hf.use_similarity_logits(model, scale=7.5, bases=bases, fused_loss=False)  # the materialising path
     out = model(ids, labels=ids)
     hidden = model.base_model(ids).last_hidden_state
     assert_matches(out.logits, vs.similarity_logits(hidden, bases, scale=7.5), tol=1e-5, name="logits")
