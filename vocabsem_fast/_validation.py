@@ -27,15 +27,16 @@ def check_float(x: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
-def check_pair(hidden: Tensor, bases: Tensor) -> None:
-    """``hidden`` (..., d) against ``bases`` (V, d): dtypes, ranks, sizes and devices."""
+def check_pair(hidden: Tensor, bases: Tensor, *, allow_empty: bool = False) -> None:
+    """``hidden`` (..., d) against ``bases`` (V, d): dtypes, ranks, sizes and devices
+    (``allow_empty``: V = 0, a vocabulary shard that holds no rows)."""
     check_float(hidden, "hidden")
     check_float(bases, "bases")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., d), got a 0-d tensor")
     if bases.dim() != 2:
         raise ValueError(f"bases must have shape (V, d), got shape {tuple(bases.shape)}")
-    if bases.shape[0] == 0:
+    if bases.shape[0] == 0 and not allow_empty:
         raise ValueError("bases is empty: the vocabulary must have at least one row (V >= 1)")
     _check_compatible(hidden, bases, "hidden", "bases")
 

@@ -15,6 +15,9 @@ gradient on every rank. Works with gloo (CPU) and NCCL (GPU).
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -60,33 +63,106 @@ def _unit(x: Tensor, normalize: bool, eps: float) -> Tensor:
     return F.normalize(x, dim=-1, eps=eps) if normalize else x
 
 
-def _check_shards(vocab_start: int, v_local: int, group, device) -> int:
-    """The global vocabulary size, after checking that the shards tile [0, V) without gaps."""
-    mine = torch.tensor([vocab_start, v_local], dtype=torch.long, device=device)
+# What every rank states before any collective that could hang on a disagreement: whether its
+# arguments passed the local checks, its shard, and the options and sizes that must be equal
+# everywhere (float64 holds each exactly); the debug check adds fingerprints of the data.
+_AGREED = ("N", "d", "dtype", "scale", "normalize", "ignore_index", "reduction", "label_smoothing", "eps")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+_FINGERPRINTS = ("hidden", "targets")
+
+
+def debug_checks_enabled() -> bool:
+    """``VOCABSEM_DEBUG=1`` turns the cross-rank consistency check on by default."""
+    return os.environ.get("VOCABSEM_DEBUG", "0") not in ("", "0")
+
+
+def _status_device(group) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
+        torch.device("cpu")
+
+
+def _fingerprint(x: Tensor) -> list[float]:
+    """Two position-weighted sums in float64: equal inputs give equal bits on every rank."""
+    flat = x.detach().reshape(-1).to(torch.float64)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973)
+    return [float(flat.sum()), float((flat * weights).sum())]
+
+
+def _statement(hidden, bases_shard, targets, call, vocab_start: int, consistency: bool) -> list[float]:
+    n = targets.numel()
+    facts = [0.0, vocab_start, bases_shard.shape[0], n, hidden.shape[-1], _DTYPES.index(hidden.dtype),
+             call.scale, float(call.normalize), call.ignore_index, _REDUCTIONS.index(call.reduction),
+             call.label_smoothing, call.eps]
+    facts.append(float(consistency))
+    facts += _fingerprint(hidden) + _fingerprint(targets) if consistency else [0.0] * 4
+    return facts
+
+
+_WIDTH = 3 + len(_AGREED) + 1 + 2 * len(_FINGERPRINTS)  # the same on every rank, whatever its settings
+
+
+def _agree(statement: list[float] | None, group) -> int:
+    """All-gathers every rank's statement; raises on every rank alike when one rank's arguments
+    failed or the ranks disagree, so that no rank is left waiting in a collective. Returns the
+    vocabulary size over all ranks."""
+    mine = torch.tensor(statement if statement is not None else [1.0] + [0.0] * (_WIDTH - 1), dtype=torch.float64,
+                        device=_status_device(group))
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
-    shards = sorted((int(s), int(n)) for s, n in every)
+    rows = [row.tolist() for row in every]
+    failed = [rank for rank, row in enumerate(rows) if row[0] != 0]
+    if failed:
+        raise ValueError(f"rank(s) {failed} rejected their arguments (their own error says why); every rank stops")
+    for i, name in enumerate(_AGREED, start=3):
+        values = [row[i] for row in rows]
+        if len(set(values)) > 1:
+            shown = [_DTYPES[int(v)] for v in values] if name == "dtype" else \
+                [_REDUCTIONS[int(v)] for v in values] if name == "reduction" else values
+            raise ValueError(f"the ranks disagree on {name}: {shown} (rank by rank); it must be the same everywhere")
+    checked = all(row[12] for row in rows)  # every rank asked for the consistency check
+    for j, name in enumerate(_FINGERPRINTS):
+        if checked and len({tuple(row[13 + 2 * j:15 + 2 * j]) for row in rows}) > 1:
+            raise ValueError(f"the ranks hold different {name} (consistency check): every rank must pass the same "
+                             f"{name}")
+    shards = sorted((int(row[1]), int(row[2])) for row in rows)
     end = 0
     for start, size in shards:
         if start != end:
             raise ValueError(f"bases shards must tile the vocabulary in order: a shard starts at {start}, "
                              f"expected {end} (vocab_start and shard sizes over the ranks: {shards})")
         end = start + size
+    if end == 0:
+        raise ValueError("bases shards are all empty: the vocabulary must have at least one row")
     return end
 
 
 def similarity_cross_entropy(hidden: Tensor, bases_shard: Tensor, targets: Tensor, *, vocab_start: int, group=None,
                              scale: float = 1.0, normalize: bool = True, ignore_index: int = -100,
                              reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-8,
-                             impl: str = "auto") -> Tensor:
+                             impl: str = "auto", check_consistency: bool | None = None) -> Tensor:
     """The loss of ``vocabsem_fast.similarity_cross_entropy`` over the bases concatenated across
-    the ranks of ``group`` in rank order of ``vocab_start`` (see the module docstring)."""
+    the ranks of ``group`` in rank order of ``vocab_start`` (see the module docstring).
+
+    A shard may be empty (V smaller than the world size). Before any other collective the ranks
+    exchange what they were given: a rank whose arguments fail its checks, shards that overlap
+    or leave gaps, and ranks that disagree on N, d, dtype or an option make every rank raise at
+    once. ``check_consistency`` (default: on when ``VOCABSEM_DEBUG=1``) also compares
+    fingerprints of ``hidden`` and ``targets`` (a pass over each: cheap against the loss)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocabsem_fast.distributed needs an initialised torch.distributed process group")
-    call = check_cross_entropy_args(hidden, bases_shard, targets, scale=scale, normalize=normalize,
-                                    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                    eps=eps)
-    vocab_start = check_int(vocab_start, "vocab_start", low=0)
+    consistency = debug_checks_enabled() if check_consistency is None else bool(check_consistency)
+    try:
+        call = check_cross_entropy_args(hidden, bases_shard, targets, scale=scale, normalize=normalize,
+                                        ignore_index=ignore_index, reduction=reduction,
+                                        label_smoothing=label_smoothing, eps=eps, allow_empty_bases=True)
+        vocab_start = check_int(vocab_start, "vocab_start", low=0)
+        statement = _statement(hidden, bases_shard, targets, call, vocab_start, consistency)
+    except (TypeError, ValueError):
+        with contextlib.suppress(ValueError):
+            _agree(None, group)  # the others learn that this rank stops; it raises its own error
+        raise
+    vocab = _agree(statement, group)
     scale, normalize, eps, ignore_index = call.scale, call.normalize, call.eps, call.ignore_index
     reduction, smoothing = call.reduction, call.label_smoothing
 
@@ -95,10 +171,11 @@ def similarity_cross_entropy(hidden: Tensor, bases_shard: Tensor, targets: Tenso
     valid = t != ignore_index
     v_local = bases_shard.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    vocab = _check_shards(vocab_start, v_local, group, h.device)
-    bad = valid & ((t < 0) | (t >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"targets must lie in [0, {vocab}) (the vocabulary over all ranks) or equal ignore_index")
+    bad = (valid & ((t < 0) | (t >= vocab))).any().to(torch.float64).reshape(1).to(_status_device(group))
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)  # one rank's bad targets stop them all
+    if bool(bad):
+        raise ValueError(f"targets must lie in [0, {vocab}) (the vocabulary over all ranks) or equal ignore_index "
+                         "(on at least one rank)")
     mine = valid & (t >= vocab_start) & (t < vocab_start + v_local)
     local_t = torch.where(mine, t - vocab_start, 0)
 
@@ -111,7 +188,9 @@ def similarity_cross_entropy(hidden: Tensor, bases_shard: Tensor, targets: Tenso
         lse_local = lse_local.to(acc)
     else:  # an empty shard contributes nothing to any sum
         hn = None
-        picked = h.new_zeros(h.shape[0], dtype=acc)
+        # zero, but on h's graph: the backward all-reduce of the hidden gradient must run on
+        # this rank too, or the others wait for it (and the empty shard gets an empty gradient)
+        picked = (h * 0).sum(-1).to(acc) + bases_shard.sum().to(acc) * 0
         lse_local = h.new_full((h.shape[0],), float("-inf"), dtype=acc)
     shift = lse_local.detach().clone()
     dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)

@@ -583,9 +583,9 @@ class CrossEntropyCall:
 
 
 def check_cross_entropy_args(hidden, bases, targets, *, scale, normalize, ignore_index, reduction, label_smoothing,
-                             eps) -> CrossEntropyCall:
+                             eps, allow_empty_bases: bool = False) -> CrossEntropyCall:
     """Checks shapes, dtypes, devices and options (no host sync); raises naming the argument."""
-    check_pair(hidden, bases)
+    check_pair(hidden, bases, allow_empty=allow_empty_bases)
     check_targets(targets, hidden)
     scale, normalize, eps = _similarity_args(scale, normalize, eps)
     return CrossEntropyCall(

@@ -99,3 +99,15 @@ def test_a_malformed_data_folder_is_named_in_one_line(capsys, tmp_path, case, ex
         del meta["template"]
     data = _shared_format_folder(tmp_path / "data", labels=meta, train=train)
     _fails(capsys, ["eval", "--data", str(data)], f"--data {data}", expected)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--lr", "0"], "--lr must lie in (0, 1)"), (["--lr", "5"], "--lr must lie in (0, 1)"),
+    (["--scale", "-1"], "--scale must be > 0"), (["--seq-len", "1"], "--seq-len must be at least 2"),
+])
+def test_finetune_options_are_checked_before_the_work(capsys, argv, expected):
+    _fails(capsys, ["finetune", *argv], expected)
+
+
+def test_finetune_out_naming_a_directory(capsys, tmp_path):
+    _fails(capsys, ["finetune", "--out", str(tmp_path)], "is a directory")

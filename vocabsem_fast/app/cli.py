@@ -157,6 +157,32 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    import json
+
+    from .finetune import LOSSES, FinetuneConfig, finetune, format_finetune_table
+
+    _check_common(args)
+    if not 0 < args.lr < 1:
+        raise UsageError(f"--lr must lie in (0, 1), got {args.lr}")
+    if not args.scale > 0:
+        raise UsageError(f"--scale must be > 0, got {args.scale}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2 (a token and its successor), got {args.seq_len}")
+    config = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                            learning_rate=args.lr, rank=args.rank, scale=args.scale, seed=args.seed)
+    results = []
+    for loss in LOSSES if args.loss == "both" else (args.loss,):
+        print(f"LoRA fine-tuning, {loss} similarity loss: {config.steps} steps of {config.batch_size} x "
+              f"{config.seq_len} BBC News tokens", file=sys.stderr)
+        results.append(finetune(args.model, config, loss))
+    print(format_finetune_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": args.model, "results": results}, indent=2) + "\n")
+    return 0
+
+
 def _check_common(args: argparse.Namespace) -> None:
     _check_model(args.model)
     _check_out(args.out)
@@ -224,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--opening-chars", type=_positive, default=DEMO_OPENING,
                       help=f"characters of each article kept after its title (default {DEMO_OPENING})")
     demo.set_defaults(run=_demo)
+    tune = sub.add_parser("finetune", help="LoRA fine-tuning on BBC News text through the fused similarity loss "
+                                           "(transformers.Trainer, CPU)")
+    tune.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a path or a HF name")
+    tune.add_argument("--loss", choices=("fused", "materialising", "both"), default="fused",
+                      help="fused (no logits), materialising (the head's logits, Hugging Face's loss) or both, "
+                           "one after the other, for their figures side by side")
+    tune.add_argument("--steps", type=_positive, default=200, help="optimizer steps (default 200)")
+    tune.add_argument("--batch-size", type=_positive, default=4, help="blocks per step (default 4)")
+    tune.add_argument("--seq-len", type=_positive, default=64, help="tokens per block (default 64)")
+    tune.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    tune.add_argument("--rank", type=_positive, default=8, help="LoRA rank (default 8)")
+    tune.add_argument("--scale", type=float, default=20.0, help="similarity logit scale (default 20)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--out", help="write the figures as JSON to this file")
+    tune.set_defaults(run=_finetune)
     return parser
 
 

