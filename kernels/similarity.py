@@ -75,7 +75,10 @@ def _scaled(acc, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, scale, NO
     if NORMALIZE:
         ih = tl.load(inv_h_ptr + rows, mask=row_mask, other=0.0)
         ib = tl.load(inv_b_ptr + cols, mask=col_mask, other=0.0)
-        return acc * (ih * scale)[:, None] * ib[None, :]
+        factor = (ih * scale)[:, None] * ib[None, :]
+        # an inverse norm of 0 (the norm overflowed) makes the logit 0, as F.normalize does, even
+        # where the raw product overflowed (0 x inf would be NaN)
+        return tl.where(factor == 0, 0.0, acc * factor)
     return acc * scale
 
 
@@ -151,6 +154,7 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
     slots = tl.arange(0, K_PAD)
     # the running best K of each row; padding slots hold +inf so they are never the minimum
     best = tl.where(slots[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, K_PAD), tl.float32)
+    best_value = best  # what is stored: the keys, with NaN where a NaN was taken
     best_idx = tl.zeros((BLOCK_N, K_PAD), tl.int32) - 1  # int32 in registers: V < 2^31
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -158,21 +162,27 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
         z = _logit_tile(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_b,
                         scale, NORMALIZE, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)
         z = tl.where(col_mask[None, :], z, float("-inf"))
+        # NaN ranks above every number, as in torch.topk: selection runs on keys with NaN as +inf
+        # and the NaN is put back in the value kept
+        is_nan = z != z
+        z = tl.where(is_nan, float("inf"), z)
         # at most K entries of this tile can enter: take the tile's best K one at a time, each
         # replacing the row's current worst when larger (ties keep the earlier, lower index)
         for _ in range(K):
             top = tl.max(z, axis=1)
             top_col = tl.min(tl.where(z == top[:, None], cols[None, :], V), axis=1)
+            top_nan = tl.max(tl.where(is_nan & (cols[None, :] == top_col[:, None]), 1, 0), axis=1) > 0
             worst = tl.min(best, axis=1)
             worst_slot = tl.min(tl.where(best == worst[:, None], slots[None, :], K_PAD), axis=1)
             take = (top > worst) & (top_col < V)
             replace = take[:, None] & (slots[None, :] == worst_slot[:, None])
             best = tl.where(replace, top[:, None], best)
+            best_value = tl.where(replace, tl.where(top_nan, float("nan"), top)[:, None], best_value)
             best_idx = tl.where(replace, top_col[:, None], best_idx)
             z = tl.where(cols[None, :] == top_col[:, None], float("-inf"), z)
     out = ((split.to(tl.int64) * tl.num_programs(2) + problem) * N + rows.to(tl.int64))[:, None] * K + slots[None, :]
     mask = row_mask[:, None] & (slots[None, :] < K)
-    tl.store(val_ptr + out, best, mask=mask)
+    tl.store(val_ptr + out, best_value, mask=mask)
     tl.store(idx_ptr + out, best_idx.to(tl.int64), mask=mask)
 
 

@@ -29,7 +29,7 @@ MARKER = ".vocabsem-entry.json"  # a directory entry's metadata, written after e
 
 
 class CacheWarning(UserWarning):
-    """A cache entry was damaged or stale and is being recomputed."""
+    """A cache entry was damaged or stale and is being recomputed, or could not be written."""
 
 
 def default_cache_dir() -> Path:
@@ -68,6 +68,37 @@ def _temporary_sibling(path: Path, suffix: str) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def sweep_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of ``path`` left by processes that no longer run (killed while
+    writing: an interrupt cleans up after itself, ``kill -9`` cannot). A live writer's are kept,
+    so two processes filling the same entry both succeed. Returns what was removed."""
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for sibling in siblings:
+        rest = sibling.name[len(prefix):] if sibling.name.startswith(prefix) else ""
+        pid, _, tail = rest.partition(".")
+        if not (pid.isdigit() and tail.endswith((".tmp", ".old"))):
+            continue
+        if int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(sibling)
+            removed.append(sibling)
+    return removed
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -78,7 +109,8 @@ def _remove(path: Path) -> None:
 # ---- tensor files --------------------------------------------------------------------------------
 
 def save_tensors(path: str | os.PathLike, key: str, tensors: Mapping[str, Tensor]) -> None:
-    """Write ``tensors`` to the safetensors file ``path`` as the entry for ``key``, atomically."""
+    """Write ``tensors`` to the safetensors file ``path`` as the entry for ``key``, atomically.
+    A cache that cannot be written (read-only, full) gives a ``CacheWarning``, not an error."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -86,11 +118,16 @@ def save_tensors(path: str | os.PathLike, key: str, tensors: Mapping[str, Tensor
     table = {name: {"dtype": str(t.dtype), "shape": list(t.shape), "sha256": tensor_sha256(t)}
              for name, t in tensors.items()}
     metadata = {"format": FORMAT, "key": key, "tensors": json.dumps(table, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path, ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(path)
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+    except OSError as exc:  # a read-only or full cache: the result stands, it is just not kept
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not write cache entry {path} ({type(exc).__name__}: {exc}); the result is not "
+                      "cached", CacheWarning, stacklevel=2)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -178,6 +215,7 @@ def save_directory(path: str | os.PathLike, key: str, build: Callable[[Path], No
     renamed into place, replacing whatever was there. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(path)
     tmp = _temporary_sibling(path, ".tmp")
     tmp.mkdir()
     try:

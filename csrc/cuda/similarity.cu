@@ -56,6 +56,10 @@ __device__ __forceinline__ float block_max(float v) { return block_reduce(v, Max
 __device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, Sum()); }
 __device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, Max()); }
 
+// NaN ranks above every number, as in torch.topk (a row of NaN scores still yields indices).
+__device__ __forceinline__ bool ranks_above(float a, float b) { return (a != a && b == b) || a > b; }
+__device__ __forceinline__ bool same_rank(float a, float b) { return a == b || (a != a && b != b); }
+
 // (value, index) argmax across the block; ties go to the smaller index.
 __device__ void block_argmax(float& value, int64_t& index) {
   __shared__ float values[32];
@@ -64,7 +68,7 @@ __device__ void block_argmax(float& value, int64_t& index) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float v = __shfl_xor_sync(kFullMask, value, offset);
     const int64_t i = __shfl_xor_sync(kFullMask, index, offset);
-    if (v > value || (v == value && i < index)) value = v, index = i;
+    if (ranks_above(v, value) || (same_rank(v, value) && i < index)) value = v, index = i;
   }
   __syncthreads();
   if (lane == 0) values[warp] = value, indices[warp] = index;
@@ -75,7 +79,7 @@ __device__ void block_argmax(float& value, int64_t& index) {
     for (int offset = 16; offset > 0; offset >>= 1) {
       const float v = __shfl_xor_sync(kFullMask, value, offset);
       const int64_t i = __shfl_xor_sync(kFullMask, index, offset);
-      if (v > value || (v == value && i < index)) value = v, index = i;
+      if (ranks_above(v, value) || (same_rank(v, value) && i < index)) value = v, index = i;
     }
     if (lane == 0) values[0] = value, indices[0] = index;
   }
@@ -85,6 +89,10 @@ __device__ void block_argmax(float& value, int64_t& index) {
 }
 
 __device__ __forceinline__ float factor(const float* p, int64_t i) { return p ? p[i] : 1.f; }
+
+// A raw score times its scales; a scale of 0 (an inverse norm whose norm overflowed) gives 0, as
+// F.normalize does, even where the raw product overflowed (0 x inf would be NaN).
+__device__ __forceinline__ float scaled(float raw, float s) { return s == 0.f ? 0.f : raw * s; }
 
 // --- row norms and the normalisation backward ------------------------------------------------
 
@@ -144,7 +152,7 @@ __global__ void lse_partial_kernel(const float* scores, int64_t rows, int64_t co
   const int64_t target = targets[r];
   float local_max = -INFINITY, picked = 0.f, total = 0.f;
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-    const float z = row[j] * row_scale * factor(col_inv, j);
+    const float z = scaled(row[j], row_scale * factor(col_inv, j));
     local_max = fmaxf(local_max, z);
     if (j == target) picked += z;
     total += z;
@@ -153,7 +161,7 @@ __global__ void lse_partial_kernel(const float* scores, int64_t rows, int64_t co
   const float shift = tile_max == -INFINITY ? 0.f : tile_max;
   float s = 0.f;
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-    s += expf(row[j] * row_scale * factor(col_inv, j) - shift);
+    s += expf(scaled(row[j], row_scale * factor(col_inv, j)) - shift);
   }
   s = block_sum(s);
   picked = block_sum(picked);
@@ -207,7 +215,7 @@ __global__ void softmax_grad_tile_kernel(float* scores, int64_t cols, int64_t ld
       row[j] = 0.f;
       continue;
     }
-    const float z = row[j] * row_scale * factor(col_inv, j);
+    const float z = scaled(row[j], row_scale * factor(col_inv, j));
     float g = expf(z - l) - uniform - (col0 + j == target ? 1.f - smoothing : 0.f);
     row[j] = g * w * scale * factor(col_mul, j);
   }
@@ -232,8 +240,8 @@ __global__ void topk_partial_kernel(float* scores, int64_t rows, int64_t cols, i
     float value = -INFINITY;
     int64_t index = INT64_MAX;
     for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-      const float z = row[j] * row_scale * factor(col_inv, j);
-      if (z > value) value = z, index = j;  // taken entries are -inf: never again
+      const float z = scaled(row[j], row_scale * factor(col_inv, j));
+      if (ranks_above(z, value)) value = z, index = j;  // taken entries are -inf: never again
     }
     block_argmax(value, index);
     if (index == INT64_MAX) break;  // the range is exhausted (the same in every thread)
@@ -262,7 +270,7 @@ __device__ void point_scores(const T* x, const T* centroids, int64_t k, int64_t 
     const T* centroid = centroids + c * d;
     float dot = 0.f;
     for (int64_t j = lane; j < d; j += 32) dot += to_float(x[j]) * to_float(centroid[j]);
-    dot = warp_sum(dot) * point_scale * factor(inv_c, c);
+    dot = scaled(warp_sum(dot), point_scale * factor(inv_c, c));
     if (c % 32 == lane) mine[c / 32] = dot;
   }
 }

@@ -9,6 +9,7 @@ Shapes are odd and span several row and vocabulary blocks of the kernels (64 x 6
 
 from __future__ import annotations
 
+import nan_and_overflow_cases
 import pytest
 import torch
 
@@ -149,3 +150,15 @@ def test_soft_assign_and_gradients(impl, k, dtype):
     for i, part in enumerate(("probabilities", "grad points", "grad centroids")):
         assert_error_bound(outs["fused"][i].double(), outs["ref"][i].double(), outs["truth"][i],
                            name=f"{impl} soft assign {dtype} k={k} {part}", slack=_slack(dt))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_nan_contract(impl, k):
+    nan_and_overflow_cases.check_nan_topk(impl, DEVICE, k)
+    nan_and_overflow_cases.check_nan_hard_assignment(impl, DEVICE)
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_overflowing_norms_score_zero(impl):
+    nan_and_overflow_cases.check_overflow_scores_zero(impl, DEVICE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -339,3 +340,55 @@ def test_failed_build_keeps_the_old_directory_and_leaves_nothing_behind(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert _clean_directory(target, "k1") == target
     assert (target / "weights.bin").read_text() == "v1"
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("kind", ["tensors", "directory"])
+def test_temporaries_of_killed_writers_are_swept_and_live_ones_kept(tmp_path, kind):
+    """kill -9 during a write left its temporary file or folder behind for ever."""
+    path = tmp_path / ("entry.safetensors" if kind == "tensors" else "entry")
+    dead = tmp_path / f".{path.name}.{_dead_pid()}.0badc0de.tmp"
+    dead_folder = tmp_path / f".{path.name}.{_dead_pid()}.0badc0df.old"
+    live = tmp_path / f".{path.name}.{os.getppid()}.feedf00d.tmp"  # a running writer (our parent)
+    unrelated = tmp_path / ".other.safetensors.1.abcdef12.tmp"
+    dead.write_bytes(b"x" * 100)
+    dead_folder.mkdir()
+    (dead_folder / "weights").write_bytes(b"y")
+    live.write_bytes(b"z")
+    unrelated.write_bytes(b"w")
+    if kind == "tensors":
+        cache.save_tensors(path, "k", {"a": torch.randn(3)})
+    else:
+        cache.save_directory(path, "k", lambda folder: (folder / "f").write_text("1"))
+    assert not dead.exists() and not dead_folder.exists()
+    assert live.exists() and unrelated.exists() and path.exists()
+
+
+def test_a_read_only_cache_warns_and_keeps_the_result(tmp_path, monkeypatch):
+    """SemanticBasis.from_model raised after computing the bases when the cache was read-only."""
+    import vocabsem_fast as vs
+
+    from tiny_models import tiny_llama
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: make the write fail another way
+            monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+        model = tiny_llama()
+        with pytest.warns(cache.CacheWarning, match="could not write cache entry"):
+            basis = vs.SemanticBasis.from_model(model, cache_dir=locked / "bases")
+        expected = vs.semantic_bases(model.get_output_embeddings().weight.detach())
+        assert torch.equal(basis.vectors, expected)
+        assert not any(p.name.endswith(".tmp") for p in locked.rglob("*"))
+    finally:
+        locked.chmod(0o700)

@@ -3,6 +3,7 @@ upstream gradients, inputs whose gradients overflow the input dtype."""
 
 from __future__ import annotations
 
+import nan_and_overflow_cases
 import pytest
 import torch
 
@@ -73,3 +74,22 @@ def test_autocast_runs_the_pair_in_the_autocast_dtype(impl, op):
     assert_close(out, expected, rtol=0, atol=0, name="value")
     assert bases.grad.dtype == torch.float32
     assert_close(bases.grad, expected_bases.grad.float(), rtol=0, atol=0, name="bases.grad")
+
+
+# --- NaN and overflow (nan_and_overflow_cases.py states the contract) ---------------------------
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_nan_ranks_first_in_topk(impl, k):
+    nan_and_overflow_cases.check_nan_topk(impl, "cpu", k)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_nan_in_hard_assignment(impl):
+    nan_and_overflow_cases.check_nan_hard_assignment(impl, "cpu")
+
+
+@pytest.mark.parametrize("strip_plan", ["rows", "columns"])
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_overflowing_norms_score_zero_not_nan(impl, strip_plan):
+    """fp32 rows near 1e30: the cpu loss with gradients was NaN (a raw product overflowed, then x 0)."""
+    nan_and_overflow_cases.check_overflow_scores_zero(impl, "cpu", strip_plan)

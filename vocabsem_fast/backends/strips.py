@@ -186,6 +186,13 @@ def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, ta
     return per_row, lse, dh, db
 
 
+def _zero_positions(inverse: Tensor | None) -> Tensor | None:
+    if inverse is None:
+        return None
+    zero = inverse == 0
+    return zero.nonzero()[:, 0] if bool(zero.any()) else None
+
+
 class _Scaled:
     """One call's inputs with their scales, as both plans read them."""
 
@@ -194,6 +201,22 @@ class _Scaled:
         self.inv_h, self.inv_b, self.row_scale, self.tile_weight = inv_h, inv_b, row_scale, tile_weight
         self.sim, self.loss = sim, loss
         self.acc = accumulate_dtype(hidden.dtype)
+        # Rows or bases whose norm overflows have inverse norm 0: F.normalize makes them 0, so their
+        # scores are 0, where a raw product that overflowed would give 0 x inf = NaN. (While both
+        # norms are finite no dot product of theirs overflows: |h . b| <= |h| |b|.) Rare: found
+        # once per call, and only then cleared tile by tile.
+        self.overflow_rows = _zero_positions(inv_h)
+        self.overflow_cols = _zero_positions(inv_b)
+
+    def scores(self, kernels, r0: int, r1: int, c0: int, c1: int, out: Tensor) -> None:
+        """out <- the raw scores of rows [r0, r1) against bases [c0, c1)."""
+        kernels.scores(self.hidden[r0:r1], self.bases[c0:c1], out)
+        if self.overflow_rows is not None:
+            rows = self.overflow_rows[(self.overflow_rows >= r0) & (self.overflow_rows < r1)] - r0
+            out.index_fill_(0, rows, 0)
+        if self.overflow_cols is not None:
+            cols = self.overflow_cols[(self.overflow_cols >= c0) & (self.overflow_cols < c1)] - c0
+            out.index_fill_(1, cols, 0)
 
     def normalized_rows(self, r0: int, r1: int) -> Tensor:
         """hidden[r0:r1] / |h| in the inputs' dtype: the right-hand side of the bases' gradient GEMM."""
@@ -219,7 +242,7 @@ def _row_strips(kernels, x: _Scaled, need_hidden: bool, need_bases: bool, budget
     for r0 in range(0, n, rows_per_strip):
         r1 = min(n, r0 + rows_per_strip)
         tile = buffer[: r1 - r0]
-        kernels.scores(x.hidden[r0:r1], x.bases, tile)
+        x.scores(kernels, r0, r1, 0, v, tile)
         per_row[r0:r1], lse[r0:r1] = kernels.epilogue(
             tile, x.row_scale[r0:r1], x.inv_b, x.targets[r0:r1], x.loss.ignore_index,
             x.tile_weight[r0:r1] if need_grad else None, x.loss.label_smoothing)
@@ -261,7 +284,7 @@ def _column_plan(kernels: ChunkKernels, x: _Scaled, need_hidden: bool, need_base
     for c0, c1 in chunks:
         for r0, r1 in blocks:
             tile = tile_of(r0, r1, c0, c1)
-            kernels.scores(x.hidden[r0:r1], x.bases[c0:c1], tile)
+            x.scores(kernels, r0, r1, c0, c1, tile)
             part, chunk_lse = kernels.chunk_partials(tile, x.row_scale[r0:r1], col_scale(c0, c1), x.targets[r0:r1],
                                                      ignore, smoothing, c0, v)
             terms[r0:r1] += part
@@ -284,7 +307,7 @@ def _column_plan(kernels: ChunkKernels, x: _Scaled, need_hidden: bool, need_base
         for r0, r1 in reversed(blocks):
             tile = tile_of(r0, r1, c0, c1)
             if resident != (c0, r0):
-                kernels.scores(x.hidden[r0:r1], chunk, tile)
+                x.scores(kernels, r0, r1, c0, c1, tile)
             resident = None
             kernels.chunk_epilogue(tile, x.row_scale[r0:r1], col_scale(c0, c1), x.targets[r0:r1], ignore,
                                    x.tile_weight[r0:r1], smoothing, lse[r0:r1], c0, v)

@@ -1,0 +1,82 @@
+"""The NaN and overflow contract of the similarity ops, as checks any backend's tests call (the
+CPU backends in test_numerical_edges.py, the GPU ones in gpu_backend_cases.py).
+
+NaN scores rank above every number, as in ``torch.topk``: a row with a NaN entry gets NaN values
+first and valid, distinct indices; a basis with a NaN entry is every row's first pick. A row or
+basis whose norm overflows (fp32 entries near 1e30) has inverse norm 0 and scores 0, as
+``F.normalize`` makes it, never NaN from an overflowed raw product."""
+
+from __future__ import annotations
+
+import torch
+
+import vocabsem_fast as vf
+from vocabsem_fast import reference as ref
+
+from helpers import assert_close, leaf
+
+
+def nan_inputs(device: str, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 16, generator=g).to(device, dtype)
+    bases = torch.randn(300, 16, generator=g).to(device, dtype)
+    hidden[4, 7] = float("nan")
+    bases[123, 2] = float("nan")
+    return hidden, bases
+
+
+def check_nan_topk(impl: str, device: str, k: int) -> None:
+    hidden, bases = nan_inputs(device)
+    values, indices = vf.similarity_topk(hidden, bases, k, scale=5.0, impl=impl)
+    expected, expected_indices = ref.similarity_topk(hidden, bases, k, scale=5.0)
+    values, indices = values.cpu(), indices.cpu()
+    assert bool(torch.isnan(values[4]).all()), "the NaN row: NaN values"
+    assert sorted(indices[4].tolist()) == sorted(set(indices[4].tolist())) and bool((indices[4] >= 0).all()) \
+        and bool((indices[4] < 300).all()), f"the NaN row needs valid, distinct indices: {indices[4].tolist()}"
+    others = [r for r in range(9) if r != 4]
+    assert bool((indices[others, 0] == 123).all()), "the NaN basis is every other row's first pick"
+    assert bool(torch.isnan(values[others, 0]).all())
+    assert torch.equal(indices[others, 1:], expected_indices.cpu()[others, 1:])
+    assert_close(values[others, 1:], expected.cpu()[others, 1:], rtol=1e-5, atol=1e-5, name="the finite values")
+
+
+def check_nan_hard_assignment(impl: str, device: str) -> None:
+    hidden, bases = nan_inputs(device)
+    indices, scores = vf.assign(hidden, bases[:40], hard=True, impl=impl)
+    batched, _ = vf.assign(hidden[None], bases[None, :200], hard=True, impl=impl)
+    assert bool((indices.cpu()[[r for r in range(9) if r != 4]] != -1).all())
+    assert 0 <= int(indices[4]) < 40 and 0 <= int(batched[0, 4]) < 200
+    assert bool((batched.cpu()[0, [r for r in range(9) if r != 4]] == 123).all())
+
+
+def overflowing_inputs(device: str):
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    bases = torch.randn(33, 12, generator=g, dtype=torch.float64)
+    hidden[[1, 5]] *= 1e30  # norms beyond float32: inverse norm 0
+    bases[[0, 17, 32]] *= 1e30
+    return hidden.float().to(device), bases.float().to(device)
+
+
+def check_overflow_scores_zero(impl: str, device: str, strip_plan: str = "auto") -> None:
+    from vocabsem_fast.backends.tiles import tile_config
+
+    hidden, bases = overflowing_inputs(device)
+    targets = torch.tensor([0, 3, -100, 17, 5, 32, 9], device=device)
+    h, b = leaf(hidden), leaf(bases)
+    rh, rb = leaf(hidden), leaf(bases)
+    with tile_config(strip_plan=strip_plan):
+        loss = vf.similarity_cross_entropy(h, b, targets, scale=7.0, label_smoothing=0.1, impl=impl)
+        loss.backward()
+    expected = ref.similarity_cross_entropy(rh, rb, targets, scale=7.0, label_smoothing=0.1)
+    expected.backward()
+    for name, actual, want in (("loss", loss, expected), ("hidden grad", h.grad, rh.grad),
+                               ("bases grad", b.grad, rb.grad)):
+        assert bool(torch.isfinite(actual).all()), f"{name}: not finite"
+        assert_close(actual.cpu(), want.cpu(), rtol=1e-4, atol=1e-5, name=name)
+    values, _ = vf.similarity_topk(hidden, bases, 3, scale=7.0, impl=impl)
+    assert_close(values.cpu(), ref.similarity_topk(hidden, bases, 3, scale=7.0)[0].cpu(), rtol=1e-4, atol=1e-5,
+                 name="top-k values")
+    probs = vf.assign(hidden[None], bases[None, :9], temperature=0.5, impl=impl)
+    assert_close(probs.cpu(), ref.assign(hidden[None], bases[None, :9], temperature=0.5).cpu(), rtol=1e-4,
+                 atol=1e-5, name="soft assignment")
