@@ -184,28 +184,6 @@ def _weighted_score_sums(hidden: Tensor, bases: Tensor, class_weight: Tensor, si
     return sim.scale * sums
 
 
-def _score_sums_backward(e: Tensor, hidden: Tensor, bases: Tensor, class_weight: Tensor | None, normalize: bool,
-                         eps: float, need_hidden: bool, need_bases: bool):
-    """Gradients of ``sum_i e_i sum_j w_j hn_i . bn_j`` (w = 1 without class weights): a rank-one
-    term on each side."""
-    acc = e.dtype
-    inv_h = inverse_norms(hidden, eps) if normalize else None
-    inv_b = inverse_norms(bases, eps) if normalize else None
-    dh = db = None
-    if need_hidden:
-        dhn = e[:, None] * _weighted_basis_sum(bases, class_weight, normalize, eps, inv_b)[None, :]
-        part = dhn if inv_h is None else normalization_backward(hidden, inv_h, dhn, eps, out=dhn)
-        dh = part.to(hidden.dtype)
-    if need_bases:
-        hn = hidden.to(acc) if inv_h is None else hidden.to(acc) * inv_h[:, None]
-        row = (e[:, None] * hn).sum(0)
-        dbn = row.expand(bases.shape).contiguous() if class_weight is None else \
-            class_weight.to(acc)[:, None] * row[None, :]
-        part = dbn if inv_b is None else normalization_backward(bases, inv_b, dbn, eps, out=dbn)
-        db = part.to(bases.dtype)
-    return dh, db
-
-
 def _cross_entropy_backend(impl: str, hidden: Tensor) -> backends.Backend:
     return backends.select(impl, "cross_entropy", hidden.device, hidden.dtype)
 
@@ -287,20 +265,41 @@ def _(row_weight, hidden, bases, targets, lse, scale, normalize, eps, ignore_ind
     return _fake_grads(hidden, bases, need_hidden, need_bases)
 
 
-def _lse_target_terms_backward(grad_lse: Tensor, hidden: Tensor, bases: Tensor, targets: Tensor, scale: float,
-                               normalize: bool, eps: float, smoothing: float, need_hidden: bool, need_bases: bool):
-    """Gradients of ``sum_i g_i ((1 - ls) z[i, t_i] + ls / V sum_j z[i, j])``: what the log-sum-exp
-    adds to a row's loss beyond L_i (lse = L_i + those terms), in O((N + V) d). The target term
-    is a top-1 score with index t_i, so the top-k backward gives it."""
-    g = grad_lse.to(accumulate_dtype(hidden.dtype))
-    sim = SimilarityOptions(scale, normalize, eps)
-    dh, db = backends.get("torch").topk_backward((g * (1.0 - smoothing))[:, None], hidden, bases, targets[:, None],
-                                                 sim, need_hidden, need_bases)
-    if smoothing == 0:
-        return dh, db
-    th, tb = _score_sums_backward(g * (scale * smoothing / bases.shape[0]), hidden, bases, None, normalize, eps,
-                                  need_hidden, need_bases)
-    return (dh + th if need_hidden else None), (db + tb if need_bases else None)
+def _extra_terms_backward(target_coefficient: Tensor | None, sums_coefficient: Tensor | None, hidden: Tensor,
+                          bases: Tensor, targets: Tensor, class_weight: Tensor | None, sim: SimilarityOptions,
+                          need_hidden: bool, need_bases: bool):
+    """Gradients of ``sum_i a_i z[i, t_i] + sum_i e_i sum_j w_j z[i, j]`` (``a``, ``e`` the two
+    coefficients, either absent; w = 1 without class weights), in O((N + V) d): the target term
+    gathers one basis per row, the weighted sum is rank one on each side. Both are formed w.r.t.
+    the normalised vectors and taken through the normalisation once per side: separately, each
+    would be multiplied by 1/eps at a zero vector and what cancels between them would not."""
+    acc = accumulate_dtype(hidden.dtype)
+    inv_h = inverse_norms(hidden, sim.eps) if sim.normalize else None
+    inv_b = inverse_norms(bases, sim.eps) if sim.normalize else None
+    dh = db = None
+    if need_hidden:
+        dhn = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+        if target_coefficient is not None:
+            picked = bases[targets].to(acc)
+            scale = target_coefficient if inv_b is None else target_coefficient * inv_b[targets]
+            dhn.addcmul_(scale[:, None], picked)
+        if sums_coefficient is not None:
+            total = _weighted_basis_sum(bases, class_weight, sim.normalize, sim.eps, inv_b)
+            dhn.addcmul_(sums_coefficient[:, None], total[None, :])
+        dhn.mul_(sim.scale)
+        dh = (dhn if inv_h is None else normalization_backward(hidden, inv_h, dhn, sim.eps, out=dhn)).to(hidden.dtype)
+    if need_bases:
+        hn = hidden.to(acc) if inv_h is None else hidden.to(acc) * inv_h[:, None]
+        if sums_coefficient is not None:
+            row = (sums_coefficient[:, None] * hn).sum(0) * sim.scale
+            dbn = row.expand(bases.shape).contiguous() if class_weight is None else \
+                class_weight.to(acc)[:, None] * row[None, :]
+        else:
+            dbn = torch.zeros(bases.shape, dtype=acc, device=bases.device)
+        if target_coefficient is not None:
+            dbn.index_add_(0, targets, (sim.scale * target_coefficient)[:, None] * hn)
+        db = (dbn if inv_b is None else normalization_backward(bases, inv_b, dbn, sim.eps, out=dbn)).to(bases.dtype)
+    return dh, db
 
 
 def _cross_entropy_setup(ctx, inputs, output):
@@ -368,14 +367,18 @@ def _cross_entropy_autograd(ctx, grad_loss, grad_lse, grad_dh, grad_db):
     rh, rb = _cross_entropy_backward_op(weight, hidden, bases, pass_targets, lse, scale, normalize, eps, pass_ignore,
                                         terms.kernel_smoothing, impl, need_hidden, need_bases)
     dh, db = (rh if need_hidden else None), (rb if need_bases else None)
-    extras = []
+    # what lse_i adds beyond L_i (its target terms), and the weighted smoothing sum S_i
+    target_coefficient = sums_coefficient = None
     if grad_lse is not None or terms.uses_lse:
-        extras.append(_lse_target_terms_backward(lse_coefficient, hidden, bases, pass_targets, scale, normalize, eps,
-                                                 terms.kernel_smoothing, need_hidden, need_bases))
+        target_coefficient = lse_coefficient * (1.0 - terms.kernel_smoothing)
+        if terms.kernel_smoothing:
+            sums_coefficient = lse_coefficient * (terms.kernel_smoothing / bases.shape[0])
     if terms.weighted_smoothing:
-        extras.append(_score_sums_backward(g * (-scale * smoothing / bases.shape[0]), hidden, bases, class_weight,
-                                           normalize, eps, need_hidden, need_bases))
-    for th, tb in extras:
+        sums_coefficient = g * (-smoothing / bases.shape[0])
+    if target_coefficient is not None or sums_coefficient is not None:
+        th, tb = _extra_terms_backward(target_coefficient, sums_coefficient, hidden, bases, pass_targets,
+                                       class_weight if terms.weighted_smoothing else None,
+                                       SimilarityOptions(scale, normalize, eps), need_hidden, need_bases)
         dh = dh + th if need_hidden else None
         db = db + tb if need_bases else None
     return _needed(ctx, dh, db, rest)
