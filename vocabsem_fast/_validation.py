@@ -23,8 +23,17 @@ def check_tensor(x, name: str) -> None:
 
 def check_float(x: Tensor, name: str) -> None:
     check_tensor(x, name)
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {x.layout} (call .to_dense() first)")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """Data-dependent (a host sync): for the functions that cannot give a meaningful result with
+    NaN or inf entries (a least-squares solve, k-means sampling), never the fused ops."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf entries")
 
 
 def check_pair(hidden: Tensor, bases: Tensor, *, allow_empty: bool = False) -> None:
@@ -62,6 +71,8 @@ def check_assign_pair(points: Tensor, centroids: Tensor) -> None:
 def _check_compatible(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"hidden size mismatch: {a_name} has d={a.shape[-1]} but {b_name} has d={b.shape[-1]}")
+    if a.shape[-1] == 0:
+        raise ValueError(f"{a_name} and {b_name} have d=0: vectors need at least one component")
     if a.dtype != b.dtype:
         raise TypeError(f"{a_name} ({a.dtype}) and {b_name} ({b.dtype}) must have the same dtype")
     check_same_device(**{a_name: a, b_name: b})

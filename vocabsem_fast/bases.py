@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._validation import check_float, check_number
+from ._validation import check_finite, check_float, check_number
 from .cache import content_key, default_cache_dir, load_tensors, save_tensors
 
 _CACHE_FORMAT = "vocabsem_fast.semantic_bases/2"
@@ -54,6 +54,7 @@ def semantic_bases(lm_head_weight: Tensor, *, rcond: float | None = None) -> Ten
         raise ValueError(f"lm_head_weight is empty: shape {tuple(lm_head_weight.shape)}")
     if rcond is not None:
         rcond = check_number(rcond, "rcond", low=0.0)
+    check_finite(lm_head_weight, "lm_head_weight")
     weight = lm_head_weight.detach().double()
     pinv = torch.linalg.pinv(weight) if rcond is None else torch.linalg.pinv(weight, rcond=rcond)
     return pinv.T.contiguous().to(lm_head_weight.dtype)

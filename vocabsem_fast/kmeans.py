@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from ._validation import check_float, check_int
+from ._validation import check_finite, check_float, check_int
 from .ops import assign
 
 METRICS = ("cosine", "l2")
@@ -74,6 +74,9 @@ def kmeans(points: Tensor, k: int, *, iters: int = 20, metric: str = "cosine", s
     k = check_int(k, "k", low=1, high=max(1, points.shape[0]))
     if points.shape[0] == 0:
         raise ValueError("points is empty: k-means needs at least one point")
+    if points.shape[1] == 0:
+        raise ValueError("points have d=0: vectors need at least one component")
+    check_finite(points, "points")
     iters = check_int(iters, "iters", low=0)
     seed = check_int(seed, "seed")
     if metric not in METRICS:

@@ -73,3 +73,14 @@ def test_channel_attention_readings():
     for bad in (dict(scale=0.0), dict(epochs=0), dict(batch_size=2.5), dict(attention="x")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FitConfig(**bad)
+
+
+def test_fit_shows_progress_over_the_epochs(capsys):
+    """The VDS fit ran for up to minutes without a word; with a description it shows a bar."""
+    reps, labels, bases, label_ids = _synthetic(10)
+    config = FitConfig(epochs=3)
+    VDSClassifier(bases, label_ids, config=config).fit(reps, labels, progress="toy vds training")
+    err = capsys.readouterr().err
+    assert "toy vds training" in err and "3/3" in err and "loss=" in err
+    VDSClassifier(bases, label_ids, config=config).fit(reps, labels)
+    assert capsys.readouterr().err == ""

@@ -226,3 +226,25 @@ def test_empty_batches_are_valid(impl):
     assert vf.assign(hidden, bases, hard=True, impl=impl)[0].shape == (0,)
     assert vf.assign(_h(0, 3, D), _b(0, V, D), hard=True, impl=impl)[0].shape == (0, 3)
     assert vf.assign(_h(0, 3, D), _b(0, V, D), impl=impl).shape == (0, 3, V)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: vf.similarity_cross_entropy(torch.randn(3, 0), torch.randn(5, 0), torch.tensor([0, 1, 2])),
+     ValueError, "d=0"),
+    (lambda: vf.similarity_topk(torch.randn(3, 0), torch.randn(5, 0), 2), ValueError, "d=0"),
+    (lambda: vf.assign(torch.randn(3, 0), torch.randn(5, 0), hard=True), ValueError, "d=0"),
+    (lambda: vf.kmeans(torch.randn(3, 0), 2), ValueError, "d=0"),
+    (lambda: vf.similarity_logits(torch.randn(3, 4).to_sparse(), torch.randn(5, 4)), TypeError,
+     "hidden must be a dense"),
+    (lambda: vf.similarity_cross_entropy(torch.randn(3, 4), torch.randn(5, 4).to_sparse_csr(),
+                                         torch.tensor([0, 1, 2])), TypeError, "bases must be a dense"),
+    (lambda: vf.kmeans(torch.tensor([[float("nan"), 1.0], [1.0, 2.0], [3.0, 4.0]]), 2), ValueError,
+     "points contains NaN or inf"),
+    (lambda: vf.semantic_bases(torch.tensor([[float("inf"), 1.0], [1.0, 2.0], [3.0, 4.0]])), ValueError,
+     "lm_head_weight contains NaN or inf"),
+], ids=["ce-d0", "topk-d0", "hard-d0", "kmeans-d0", "sparse-hidden", "sparse-bases", "kmeans-nan", "bases-inf"])
+def test_degenerate_inputs_are_named(call, error, match):
+    """d = 0 gave a reshape error (and hard assignment / k-means returned silently), sparse inputs
+    failed deep inside, NaN points a multinomial error, a NaN head a LinAlgError."""
+    with pytest.raises(error, match=match):
+        call()

@@ -31,12 +31,13 @@ def _worker(rank: int, nproc: int, folder: str, threads: int) -> None:
 
 
 def fit_data_parallel(classifier: VDSClassifier, reps: Representations, labels: torch.Tensor,
-                      nproc: int) -> VDSClassifier:
-    """``classifier.fit(reps, labels)`` with DDP over ``nproc`` local processes."""
+                      nproc: int, *, progress: str | None = None) -> VDSClassifier:
+    """``classifier.fit(reps, labels)`` with DDP over ``nproc`` local processes (a progress bar
+    described by ``progress`` in the single-process case)."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if nproc == 1:
-        return classifier.fit(reps, labels)
+        return classifier.fit(reps, labels, progress=progress)
     import torch.multiprocessing as mp
 
     threads = max(1, torch.get_num_threads() // nproc)

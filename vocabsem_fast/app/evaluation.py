@@ -25,8 +25,10 @@ from ..kmeans import kmeans
 from ..ops import similarity_logits
 from .baselines import AdapterTuning, InContextLearning, KNNPrompting, RetrievalICL, majority_vote
 from .data_parallel import fit_data_parallel
+from .memory import PeakMemory
 from .semantic_clustering import FitConfig, VDSClassifier
 from .tasks import Task, head_logits
+from .vds_plus import PlusConfig, VDSPlusClassifier
 
 DEFAULT_METHODS = ("vds", "knn", "icl", "rag", "lora", "ia3")
 
@@ -53,11 +55,50 @@ class VDS:
         config = replace(self.config, seed=task.seed)
         self.classifier = VDSClassifier(basis.vectors, basis.token_ids(task.words), head_weight=head, head_bias=bias,
                                         config=config)
-        fit_data_parallel(self.classifier, task.representations("train"), task.labels("train"), self.nproc)
+        fit_data_parallel(self.classifier, task.representations("train"), task.labels("train"), self.nproc,
+                          progress=f"{task.data.name} vds training" if task.progress else None)
         return self
 
     def predict(self, task: Task) -> Tensor:
         return self.classifier.predict(task.representations("test"))
+
+
+class VDSPlus:
+    """``vds+`` (see ``vds_plus``): the zero-shot answer as a prior that a semantic clustering
+    module corrects, every choice made on a validation split of the training data."""
+
+    uses_representations = ("train", "test")
+
+    def __init__(self, **options):
+        for name in ("scales", "priors"):  # a spec gives one value, or several joined by "/"
+            if name in options:
+                value = options[name]
+                options[name] = tuple(float(v) for v in str(value).split("/"))
+        self.config = PlusConfig(**options)
+
+    def _prior(self, task: Task, split: str) -> Tensor:
+        logits = head_logits(task.model, task.representations(split).last, task.next_token_ids)
+        return torch.log_softmax(logits, dim=-1)
+
+    def fit(self, task: Task) -> VDSPlus:
+        from tqdm.auto import tqdm
+
+        config = replace(self.config, seed=task.seed)
+        self.classifier = VDSPlusClassifier(task.basis.for_words(task.words), config)
+        with tqdm(total=self.classifier.candidates_trained, desc=f"{task.data.name} vds+ validation",
+                  unit="candidate", leave=False, disable=not task.progress) as bar:
+            self.classifier.fit(task.representations("train"), self._prior(task, "train"), task.labels("train"),
+                                progress=bar)
+        return self
+
+    def predict(self, task: Task) -> Tensor:
+        return self.classifier.predict(task.representations("test"), self._prior(task, "test"))
+
+    def details(self) -> dict:
+        choice = self.classifier.choice
+        return {"choice": {"prior_weight": choice.prior_weight, "scale": choice.scale, "epochs": choice.epochs,
+                           "validation_accuracy": choice.validation_accuracy},
+                "validation_candidates": choice.candidates}
 
 
 class ZeroShotHead:
@@ -82,6 +123,7 @@ class ZeroShotCosine(ZeroShotHead):
 
 FACTORIES = {
     "vds": VDS,
+    "vds+": VDSPlus,
     "icl": InContextLearning,
     "rag": RetrievalICL,
     "knn": KNNPrompting,
@@ -131,6 +173,8 @@ def method_options(name: str) -> list[str]:
     names = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "kind"]
     if factory is VDS:
         names += [*VDS.RENAMED, *(f.name for f in dataclasses.fields(FitConfig))]
+    if factory is VDSPlus:
+        names += [f.name for f in dataclasses.fields(PlusConfig)]
     return names
 
 
@@ -229,12 +273,13 @@ def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None
     for spec in methods:
         method = make_method(spec)
         ready = set(task.extraction_seconds)
-        start = time.perf_counter()
-        method.fit(task)
-        fit_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        predicted = method.predict(task)
-        predict_seconds = time.perf_counter() - start
+        with PeakMemory() as peak:
+            start = time.perf_counter()
+            method.fit(task)
+            fit_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            predicted = method.predict(task)
+            predict_seconds = time.perf_counter() - start
         for split in method.uses_representations:
             if split in ready:
                 shared = task.extraction_seconds[split]
@@ -244,7 +289,10 @@ def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None
                     predict_seconds += shared
         result = scores(task.labels("test"), predicted, task.num_classes)
         result.update(seconds=fit_seconds + predict_seconds, fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                      trainable_parameters=trainable_parameters(method), peak_memory_mib=peak.above_start_mib,
                       train_size=len(task.train), test_size=len(task.test), test_is_train_holdout=task.holdout)
+        if hasattr(method, "details"):
+            result.update(method.details())
         if isinstance(method, VDS):
             result["analysis"] = representation_analysis(task, method)
             if plot_dir is not None:
@@ -256,6 +304,16 @@ def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None
             on_result(spec, result)
         del method  # an adapter's model copy goes now, not after the next method
     return results
+
+
+def trainable_parameters(method) -> int:
+    """Parameters the method trains (0 for the prompting methods and the untrained references)."""
+    module = getattr(getattr(method, "classifier", None), "module", None)
+    if module is None:
+        module = getattr(method, "model", None) if isinstance(method, AdapterTuning) else None
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def format_table(results: dict[str, dict[str, dict]]) -> str:

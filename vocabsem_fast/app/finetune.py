@@ -5,12 +5,12 @@ own loss), with loss, throughput and peak memory measured the same way for both.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+
+from .memory import PeakMemory
 
 LOSSES = ("fused", "materialising")
 
@@ -48,36 +48,6 @@ def bbc_blocks(tokenizer, seq_len: int, *, seed: int = 0, limit: int | None = No
     return blocks
 
 
-def _release_freed_memory() -> None:
-    """glibc keeps freed memory for reuse; have it return large blocks to the system at once, so
-    that the resident high-water mark of a run is that run's own (a second run in the process
-    would otherwise reuse the first one's pages unseen)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    libc.malloc_trim(0)
-
-
-def _resident_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident size
-    except OSError:
-        pass
-
-
 def finetune(model_name: str, config: FinetuneConfig, loss: str, *, progress: bool = True,
              output_dir: str | None = None) -> dict:
     """One LoRA run of ``config.steps`` optimizer steps; returns its figures."""
@@ -92,7 +62,6 @@ def finetune(model_name: str, config: FinetuneConfig, loss: str, *, progress: bo
 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    _release_freed_memory()
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(model_name, verbose=progress)
     bases = SemanticBasis.from_model(model, tokenizer=tokenizer).vectors
@@ -112,12 +81,10 @@ def finetune(model_name: str, config: FinetuneConfig, loss: str, *, progress: bo
             disable_tqdm=not progress, dataloader_num_workers=0,
         )
         trainer = Trainer(model=model, args=args, train_dataset=blocks)
-        start_kib = _resident_kib("VmRSS")
-        _reset_peak()
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
-        peak_kib = _resident_kib("VmHWM")
+        with PeakMemory() as peak:
+            started = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - started
     switch.restore()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     tokens = config.steps * config.batch_size * (config.seq_len - 1)  # counted targets (every block is full)
@@ -128,8 +95,8 @@ def finetune(model_name: str, config: FinetuneConfig, loss: str, *, progress: bo
         "logged_losses": losses,
         "seconds": seconds,
         "tokens_per_second": tokens / seconds,
-        "peak_rss_mib": None if peak_kib is None else peak_kib / 1024,
-        "peak_above_start_mib": None if peak_kib is None or start_kib is None else (peak_kib - start_kib) / 1024,
+        "peak_rss_mib": peak.mib,
+        "peak_above_start_mib": peak.above_start_mib,
         "trainable_parameters": trainable,
         "blocks": len(blocks),
         "config": asdict(config),

@@ -105,11 +105,13 @@ class VDSClassifier:
             logits = logits + self.head_bias
         return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
-    def fit(self, reps: Representations, labels: Tensor, *, distributed: bool = False, group=None) -> VDSClassifier:
+    def fit(self, reps: Representations, labels: Tensor, *, distributed: bool = False, group=None,
+            progress: str | None = None) -> VDSClassifier:
         """Train the module. ``distributed=True`` trains it data-parallel (DDP) over the ranks of
         ``group`` (the default process group when None): every rank passes the same data and
         takes its share of each batch; the result equals one process's up to floating-point
-        summation order."""
+        summation order. ``progress``: a description for a progress bar over the epochs (on
+        stderr, with the last batch's loss), None for none."""
         cfg = self.config
         world, rank = 1, 0
         if distributed:
@@ -130,6 +132,9 @@ class VDSClassifier:
         optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         labels = labels.long()
         self.module.train()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs, desc=progress, unit="epoch", leave=False, disable=progress is None)
         for _ in range(cfg.epochs):
             order = torch.randperm(len(labels), generator=generator)  # the same order on every rank
             for start in range(0, len(order), cfg.batch_size):
@@ -141,6 +146,9 @@ class VDSClassifier:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.update()
+        bar.close()
         self.module.eval()
         return self
 

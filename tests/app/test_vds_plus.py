@@ -1,0 +1,78 @@
+"""``vds+``: the zero-shot answer as a prior that a semantic clustering module corrects, with
+every choice made on a validation split of the training data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_baselines import tiny_task
+
+from vocabsem_fast.app.evaluation import VDSPlus, evaluate_task, make_method
+from vocabsem_fast.app.representations import Representations
+from vocabsem_fast.app.vds_plus import PlusConfig, VDSPlusClassifier, _stratified_split
+
+
+def _synthetic(n_per_class: int, *, prior_quality: float, d: int = 16, classes: int = 3, seed: int = 0):
+    """Separable representations, a random map away from the label bases, and a zero-shot prior
+    that is right with probability ``prior_quality``."""
+    g = torch.Generator().manual_seed(seed)
+    bases = torch.randn(classes, d, generator=g)
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    centres = torch.randn(classes, d, generator=g) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    last = (centres[labels] + 0.5 * torch.randn(len(labels), d, generator=g)) @ rotation
+    reps = Representations(last, last, last.abs())
+    right = torch.rand(len(labels), generator=g) < prior_quality
+    guess = torch.where(right, labels, torch.randint(0, classes, (len(labels),), generator=g))
+    prior = torch.log_softmax(3.0 * torch.nn.functional.one_hot(guess, classes).float(), dim=-1)
+    return reps, prior, labels, bases
+
+
+def test_split_is_stratified_and_disjoint():
+    labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 1)
+    fit, held = _stratified_split(labels, 0.25, seed=3)
+    assert sorted(fit.tolist() + held.tolist()) == list(range(13))
+    assert labels[held].tolist().count(0) == 2 and labels[held].tolist().count(1) == 1
+    assert 12 in fit.tolist()  # a class with one example stays in the fitting part
+
+
+def test_a_perfect_prior_is_kept_and_training_is_skipped():
+    reps, prior, labels, bases = _synthetic(20, prior_quality=1.0)
+    clf = VDSPlusClassifier(bases, PlusConfig(epochs=5)).fit(reps, prior, labels)
+    assert clf.choice.epochs == 0 and clf.choice.validation_accuracy == 1.0
+    assert torch.equal(clf.predict(reps, prior), prior.argmax(-1))
+
+
+def test_a_useless_prior_is_outgrown_by_training():
+    reps, prior, labels, bases = _synthetic(40, prior_quality=0.0)
+    test_reps, test_prior, test_labels, _ = _synthetic(20, prior_quality=0.0, seed=0)
+    clf = VDSPlusClassifier(bases, PlusConfig(epochs=40, lr=3e-3)).fit(reps, prior, labels)
+    assert clf.choice.epochs > 0
+    assert set(clf.choice.candidates) == {"zeroshot", "prior=0 scale=10", "prior=0 scale=20", "prior=1 scale=10",
+                                          "prior=1 scale=20"}
+    zeroshot = (test_prior.argmax(-1) == test_labels).float().mean().item()
+    accuracy = (clf.predict(test_reps, test_prior) == test_labels).float().mean().item()
+    assert accuracy > 0.9 > zeroshot + 0.4
+
+
+def test_options_and_bad_options():
+    method = make_method("vds+:epochs=7:scales=5/15:priors=1:validation=0.3")
+    assert isinstance(method, VDSPlus)
+    assert method.config.scales == (5.0, 15.0) and method.config.priors == (1.0,)
+    assert method.config.epochs == 7 and method.config.validation == 0.3
+    for bad in ("vds+:validation=1.5", "vds+:epochs=0", "vds+:attention=x", "vds+:depth=3"):
+        with pytest.raises(ValueError):
+            make_method(bad)
+
+
+def test_on_a_tiny_model_with_costs_reported():
+    task = tiny_task(n_train=24, n_test=9)
+    results = evaluate_task(task, ["vds+:epochs=3", "zeroshot", "vds:epochs=3"])
+    plus = results["vds+:epochs=3"]
+    assert 0.0 <= plus["accuracy"] <= 1.0 and plus["choice"]["epochs"] in range(4)
+    assert "zeroshot" in plus["validation_candidates"]
+    assert plus["trainable_parameters"] == (0 if plus["choice"]["epochs"] == 0 else
+                                            results["vds:epochs=3"]["trainable_parameters"])
+    assert results["zeroshot"]["trainable_parameters"] == 0
+    for r in results.values():
+        assert r["peak_memory_mib"] is None or r["peak_memory_mib"] >= 0
