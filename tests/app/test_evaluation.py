@@ -115,6 +115,7 @@ def test_vocabsem_eval_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "macro-F1" in printed and "lora:epochs=1" in printed and "ARI" in printed
     assert (tmp_path / "plots" / "tiny-vds_epochs-2_nproc-2.png").exists()
+    assert (tmp_path / "plots" / "frontier.png").stat().st_size > 1000  # accuracy against fit time
 
 
 def test_vocabsem_eval_rejects_bad_arguments(tmp_path, capsys):
@@ -125,3 +126,19 @@ def test_vocabsem_eval_rejects_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert match in capsys.readouterr().err
+
+
+def test_method_costs_and_the_frontier(tmp_path):
+    from vocabsem_fast.app.evaluation import method_costs, plot_frontier
+
+    def result(acc, fit, params, memory):
+        return {"accuracy": acc, "macro_f1": acc / 2, "fit_seconds": fit, "predict_seconds": 1.0,
+                "trainable_parameters": params, "peak_memory_mib": memory}
+
+    results = {"a": {"cheap": result(0.5, 0.1, 0, 10.0), "dear": result(0.9, 100.0, 5, None)},
+               "b": {"cheap": result(0.7, 0.3, 0, 30.0), "dear": result(0.7, 300.0, 5, None)}}
+    costs = method_costs(results)
+    assert costs["cheap"]["accuracy"] == pytest.approx(0.6) and costs["cheap"]["fit_seconds"] == pytest.approx(0.2)
+    assert costs["cheap"]["peak_memory_mib"] == 30.0 and costs["dear"]["peak_memory_mib"] is None
+    assert costs["dear"]["trainable_parameters"] == 5 and costs["dear"]["sets"] == 2
+    assert plot_frontier(results, tmp_path / "f.png").stat().st_size > 1000

@@ -77,7 +77,7 @@ def _evaluate(datasets, args: argparse.Namespace) -> dict:
     end; the JSON is rewritten after each method so a long run keeps what it has done."""
     import json
 
-    from .evaluation import evaluate_task, format_analysis, format_table
+    from .evaluation import evaluate_task, format_analysis, format_costs, format_table, plot_frontier
     from .models import load_model
     from .tasks import Task
 
@@ -107,6 +107,11 @@ def _evaluate(datasets, args: argparse.Namespace) -> dict:
 
         evaluate_task(task, _with_nproc(args.methods, args.nproc), plot_dir=args.plot, on_result=report)
     print(format_table(results))
+    print("\nmean over the data sets, and cost:")
+    print(format_costs(results))
+    if args.plot:
+        frontier = plot_frontier(results, Path(args.plot) / "frontier.png")
+        print(f"wrote {frontier}", file=sys.stderr)
     analysis = format_analysis(results)
     if analysis:
         print("\nrepresentations before -> after the semantic clustering module (test split):")
@@ -215,7 +220,8 @@ def _add_evaluation_options(parser: argparse.ArgumentParser, *, methods: str, tr
     parser.add_argument("--test-limit", type=_positive, default=test_limit, help="seeded stratified test subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results as JSON to this file")
-    parser.add_argument("--plot", metavar="DIR", help="write 2-D pictures of the representations before/after")
+    parser.add_argument("--plot", metavar="DIR", help="write 2-D pictures of the representations before/after, "
+                        "and frontier.png: accuracy against fit time of every method")
     parser.add_argument("--batch-size", type=_positive, default=16, help="prompts per forward pass")
     parser.add_argument("--no-cache", action="store_true", help="recompute representations (no disk cache)")
     parser.add_argument("--nproc", type=_positive, default=1,

@@ -306,6 +306,59 @@ def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None
     return results
 
 
+def method_costs(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Per method, over the data sets that ran it: mean accuracy and macro-F1, mean fit and
+    predict seconds, trainable parameters (the largest) and peak memory (the largest, MiB)."""
+    rows: dict[str, list[dict]] = {}
+    for per_set in results.values():
+        for spec, result in per_set.items():
+            rows.setdefault(spec, []).append(result)
+    costs = {}
+    for spec, rs in rows.items():
+        def mean(key, rs=rs):
+            return sum(r[key] for r in rs) / len(rs)
+        memory = [r["peak_memory_mib"] for r in rs if r.get("peak_memory_mib") is not None]
+        costs[spec] = {"accuracy": mean("accuracy"), "macro_f1": mean("macro_f1"),
+                       "fit_seconds": mean("fit_seconds"), "predict_seconds": mean("predict_seconds"),
+                       "trainable_parameters": max(r.get("trainable_parameters", 0) for r in rs),
+                       "peak_memory_mib": max(memory) if memory else None, "sets": len(rs)}
+    return costs
+
+
+def plot_frontier(results: dict[str, dict[str, dict]], path: str | Path, title: str = "") -> Path:
+    """Mean accuracy against mean fit time (log scale) of every method, the methods that no
+    other beats on both drawn as the frontier a user chooses from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = method_costs(results)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    points = sorted((max(c["fit_seconds"], 1e-2), c["accuracy"], spec) for spec, c in costs.items())
+    frontier, best = [], -1.0
+    for x, y, _ in points:  # by fit time: a point is on the frontier if it beats every cheaper one
+        if y > best:
+            frontier.append((x, y))
+            best = y
+    for x, y, spec in points:
+        on = (x, y) in frontier
+        ax.scatter([x], [y], s=60 if on else 30, color="tab:blue" if on else "tab:gray", zorder=3)
+        ax.annotate(spec, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="tab:blue", alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean fit seconds per data set (log; shared representations charged)")
+    ax.set_ylabel(f"mean accuracy over {max(c['sets'] for c in costs.values())} data sets")
+    ax.set_title(title or "accuracy against fit time")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def trainable_parameters(method) -> int:
     """Parameters the method trains (0 for the prompting methods and the untrained references)."""
     module = getattr(getattr(method, "classifier", None), "module", None)
@@ -324,6 +377,18 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
         for spec, r in per_method.items():
             lines.append(f"{data_name:<10} {spec:<26} {r['accuracy']:>6.3f} {r['macro_f1']:>8.3f} "
                          f"{r['fit_seconds']:>8.1f} {r['predict_seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def format_costs(results: dict[str, dict[str, dict]]) -> str:
+    """One row per method, means over the data sets: accuracy, fit and predict seconds,
+    trainable parameters and peak memory (what the method added to the process, MiB)."""
+    header = f"{'method':<26} {'mean acc':>8} {'fit s':>8} {'predict s':>9} {'trainable':>10} {'peak MiB':>9}"
+    lines = [header, "-" * len(header)]
+    for spec, c in method_costs(results).items():
+        memory = "n/a" if c["peak_memory_mib"] is None else f"{c['peak_memory_mib']:.0f}"
+        lines.append(f"{spec:<26} {c['accuracy']:>8.3f} {c['fit_seconds']:>8.1f} {c['predict_seconds']:>9.1f} "
+                     f"{c['trainable_parameters']:>10,} {memory:>9}")
     return "\n".join(lines)
 
 
