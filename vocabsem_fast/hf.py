@@ -240,8 +240,9 @@ def greedy_generate(model, input_ids: Tensor, bases: Tensor, *, max_new_tokens: 
     hidden, out = _backbone_states(model, input_ids, use_cache=True)
     past = out.past_key_values
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    bases = bases.to(hidden.dtype)  # once, not per step
     for _ in range(max_new_tokens):
-        _, best = similarity_topk(hidden[:, -1], bases.to(hidden.dtype), k=1, scale=scale, impl=impl)
+        _, best = similarity_topk(hidden[:, -1], bases, k=1, scale=scale, impl=impl)
         token = best[:, 0]
         if eos_token_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_token_id), token)

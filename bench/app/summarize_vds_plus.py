@@ -1,0 +1,99 @@
+"""The vds+ comparison: per data set, vds+ / vds / zero-shot / kNN prompting over the seeds run
+by ``bench/app/run_vds_plus.sh`` (mean and spread), beside ICL, retrieval ICL, LoRA and IA3 of
+seed 0 from ``all-methods.json`` (same settings; too slow to rerun for every seed on this
+CPU); the targets checked; the cost table; and the frontier picture (seed 0, every method).
+
+    python bench/app/summarize_vds_plus.py > bench/results/eval/vds-plus.md
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from vocabsem_fast.app.evaluation import format_costs, plot_frontier  # noqa: E402
+
+EVAL = ROOT / "bench" / "results" / "eval"
+SEEDED = ["vds+", "vds", "zeroshot", "knn", "cosine"]
+SEED0_ONLY = ["icl", "rag", "lora", "ia3"]
+CHEAP_RIVALS = ["zeroshot", "icl", "rag", "knn"]
+
+
+def _adapter_parameters(kind: str) -> int:
+    """Trainable parameters of the lora / ia3 baseline on the default model (all-methods.json
+    predates their recording): the same peft configuration, counted."""
+    from vocabsem_fast.app.baselines import AdapterTuning
+    from vocabsem_fast.app.models import load_model
+
+    model, _ = load_model("default", verbose=False)
+    method = AdapterTuning(kind)
+    method.seed = 0
+    return sum(p.numel() for p in method._adapted(model).parameters() if p.requires_grad)
+
+
+def main() -> None:
+    runs = {int(p.stem.rsplit("seed", 1)[1]): json.loads(p.read_text())
+            for p in sorted(EVAL.glob("vds-plus-seed*.json"))}
+    baseline = json.loads((EVAL / "all-methods.json").read_text())
+    sets = list(baseline)
+    seeds = sorted(runs)
+    out = [f"Seeds: {seeds} for {', '.join(SEEDED)}; seed 0 for {', '.join(SEED0_ONLY)} (all-methods.json). "
+           "Accuracy, mean over the seeds (min-max where more than one).", ""]
+    out.append("| method | " + " | ".join(sets) + " | mean |")
+    out.append("|---" * (len(sets) + 2) + "|")
+    means: dict[str, dict[str, float]] = {}
+    for method in SEEDED + SEED0_ONLY:
+        cells, per_set = [], {}
+        for s in sets:
+            if method in SEEDED:
+                values = [runs[k][s][method]["accuracy"] for k in seeds if s in runs[k] and method in runs[k][s]]
+            else:
+                values = [baseline[s][method]["accuracy"]] if method in baseline.get(s, {}) else []
+            if not values:
+                cells.append("-")
+                continue
+            per_set[s] = statistics.mean(values)
+            spread = f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
+            cells.append(f"{per_set[s]:.3f}{spread}")
+        means[method] = per_set
+        mean = statistics.mean(per_set.values()) if len(per_set) == len(sets) else float("nan")
+        out.append(f"| {method} | " + " | ".join(cells) + f" | {mean:.3f} |")
+    out += ["", "Targets (seed-0 rivals where only seed 0 exists; vds+ as its mean over the seeds):", ""]
+    for s in sets:
+        rivals = {m: means[m][s] for m in CHEAP_RIVALS if s in means[m]}
+        best = max(rivals, key=rivals.get)
+        gap = means["vds+"][s] - rivals[best]
+        verdict = "met" if gap >= 0 else f"missed by {-gap:.3f}"
+        out.append(f"- {s}: vds+ {means['vds+'][s]:.3f} against the best of zero-shot / ICL / RAG / kNN "
+                   f"({best} {rivals[best]:.3f}): {verdict}")
+    plus_mean = statistics.mean(means["vds+"].values())
+    ia3_mean = statistics.mean(means["ia3"].values())
+    plus_fit = statistics.mean(runs[0][s]["vds+"]["fit_seconds"] for s in sets)
+    ia3_fit = statistics.mean(baseline[s]["ia3"]["fit_seconds"] for s in sets)
+    out.append(f"- mean accuracy: vds+ {plus_mean:.3f}, IA3 {ia3_mean:.3f} (within 0.02: "
+               f"{'met' if plus_mean >= ia3_mean - 0.02 else f'missed by {ia3_mean - 0.02 - plus_mean:.3f}'})")
+    out.append(f"- mean fit seconds (seed 0): vds+ {plus_fit:.1f}, IA3 {ia3_fit:.1f} "
+               f"(at most a fifth: {'met' if plus_fit <= ia3_fit / 5 else 'missed'})")
+    out += ["", "What vds+ chose (seed 0):", ""]
+    for s in sets:
+        r = runs[0][s]["vds+"]
+        out.append(f"- {s}: {r['choice']} validation {r['validation_candidates']}")
+    merged = {s: {**{m: dict(baseline[s][m]) for m in SEED0_ONLY if m in baseline[s]}, **runs[0][s]} for s in sets}
+    for kind in ("lora", "ia3"):
+        count = _adapter_parameters(kind)
+        for s in sets:
+            merged[s][kind].setdefault("trainable_parameters", count)
+    out += ["", "Cost, seed 0 (mean over the sets; fit includes the shared representations' extraction):", "",
+            "```", format_costs(merged), "```"]
+    picture = plot_frontier(merged, EVAL / "frontier.png", "seven shared sets, default model, seed 0")
+    out += ["", f"![accuracy against fit time]({picture.name})"]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
