@@ -392,3 +392,31 @@ def test_a_read_only_cache_warns_and_keeps_the_result(tmp_path, monkeypatch):
         assert not any(p.name.endswith(".tmp") for p in locked.rglob("*"))
     finally:
         locked.chmod(0o700)
+
+
+def _fill_concurrently(root: str, worker: int) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from vocabsem_fast import cache as c
+
+    for i in range(20):
+        c.save_tensors(Path(root) / "shared.safetensors", "k", {"a": torch.full((64,), float(worker * 100 + i))})
+        c.save_directory(Path(root) / "shared-dir", "k", lambda folder, i=i: (folder / "f").write_text(str(i)))
+
+
+def test_two_processes_filling_one_entry_both_succeed(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_fill_concurrently, args=(str(tmp_path), w)) for w in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    loaded = cache.load_tensors(tmp_path / "shared.safetensors", "k", names=["a"])
+    assert loaded is not None and loaded["a"].shape == (64,)
+    assert cache.load_directory(tmp_path / "shared-dir", "k") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared-dir", "shared.safetensors"]  # no temporaries left
