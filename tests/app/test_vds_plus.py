@@ -46,10 +46,12 @@ def test_a_perfect_prior_is_kept_and_training_is_skipped():
 def test_a_useless_prior_is_outgrown_by_training():
     reps, prior, labels, bases = _synthetic(40, prior_quality=0.0)
     test_reps, test_prior, test_labels, _ = _synthetic(20, prior_quality=0.0, seed=0)
-    clf = VDSPlusClassifier(bases, PlusConfig(epochs=40, lr=3e-3)).fit(reps, prior, labels)
+    vocabulary = torch.cat([bases, torch.randn(20, bases.shape[1])])  # the label bases among 23
+    clf = VDSPlusClassifier(bases, PlusConfig(epochs=40, lr=3e-3), bases=vocabulary,
+                            label_token_ids=torch.arange(3)).fit(reps, prior, labels)
     assert clf.choice.epochs > 0
-    assert set(clf.choice.candidates) == {"zeroshot", "prior=0 scale=10", "prior=0 scale=20", "prior=1 scale=10",
-                                          "prior=1 scale=20"}
+    assert set(clf.choice.candidates) == {"zeroshot"} | {
+        f"{training} prior={a} scale={s}" for training in ("classes", "vocabulary") for a in (0, 1) for s in (10, 20)}
     zeroshot = (test_prior.argmax(-1) == test_labels).float().mean().item()
     accuracy = (clf.predict(test_reps, test_prior) == test_labels).float().mean().item()
     assert accuracy > 0.9 > zeroshot + 0.4
@@ -70,6 +72,7 @@ def test_on_a_tiny_model_with_costs_reported():
     results = evaluate_task(task, ["vds+:epochs=3", "zeroshot", "vds:epochs=3"])
     plus = results["vds+:epochs=3"]
     assert 0.0 <= plus["accuracy"] <= 1.0 and plus["choice"]["epochs"] in range(4)
+    assert plus["choice"]["training"] in ("none", "classes", "vocabulary")
     assert "zeroshot" in plus["validation_candidates"]
     assert plus["trainable_parameters"] == (0 if plus["choice"]["epochs"] == 0 else
                                             results["vds:epochs=3"]["trainable_parameters"])

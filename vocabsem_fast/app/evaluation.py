@@ -84,7 +84,9 @@ class VDSPlus:
         from tqdm.auto import tqdm
 
         config = replace(self.config, seed=task.seed)
-        self.classifier = VDSPlusClassifier(task.basis.for_words(task.words), config)
+        basis = task.basis
+        self.classifier = VDSPlusClassifier(basis.for_words(task.words), config, bases=basis.vectors,
+                                            label_token_ids=basis.token_ids(task.words))
         with tqdm(total=self.classifier.candidates_trained, desc=f"{task.data.name} vds+ validation",
                   unit="candidate", leave=False, disable=not task.progress) as bar:
             self.classifier.fit(task.representations("train"), self._prior(task, "train"), task.labels("train"),
@@ -96,8 +98,8 @@ class VDSPlus:
 
     def details(self) -> dict:
         choice = self.classifier.choice
-        return {"choice": {"prior_weight": choice.prior_weight, "scale": choice.scale, "epochs": choice.epochs,
-                           "validation_accuracy": choice.validation_accuracy},
+        return {"choice": {"training": choice.training, "prior_weight": choice.prior_weight, "scale": choice.scale,
+                           "epochs": choice.epochs, "validation_accuracy": choice.validation_accuracy},
                 "validation_candidates": choice.candidates}
 
 
