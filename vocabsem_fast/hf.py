@@ -159,7 +159,6 @@ def _fused_forward(switch: SimilaritySwitch, forward):
         hidden = out.logits
         targets = shift_labels if shift_labels is not None else next_token_targets(labels)
         loss = _lm_loss(hidden, head, targets.to(hidden.device), num_items_in_batch=num_items_in_batch)
-        out.logits = None
         fields = {**out, "loss": loss, "logits": head(hidden) if switch.return_logits else None}
         out = type(out)(**fields)
         return out if return_dict is not False else out.to_tuple()
