@@ -27,6 +27,9 @@ from .interface import FLOATING, OPS, Backend, Capabilities
 from .normalization import inverse_norms, normalization_backward
 from .tiles import current_tiles
 
+# |lse| beyond which a float32 log-sum-exp's rounding (ulp 7.6e-6 at 64) is worth a pass to remove
+LARGE_LSE = 64.0
+
 
 def row_blocks(n: int) -> Iterator[tuple[int, int]]:
     step = current_tiles().max_rows
@@ -178,10 +181,12 @@ class TorchBackend(Backend):
             # the one-hot part of each row's gradient, built in the accumulation dtype (float64 stays exact)
             target_weight = torch.full((r1 - r0,), 1.0 - ls, dtype=acc, device=hidden.device)
             dhs = torch.zeros_like(hs) if need_hidden else None
+            residual = self._lse_residual(hs, b, v, lse[r0:r1])
             for c0, c1 in column_chunks(r1 - r0, v):
                 bn = b.rows(c0, c1)
                 z = hs @ bn.T
-                grad_z = z.sub_(lse[r0:r1, None]).exp_()
+                z.sub_(lse[r0:r1, None])
+                grad_z = (z if residual is None else z.sub_(residual[:, None])).exp_()
                 if ls > 0:
                     grad_z.sub_(ls / v)
                 in_chunk = (t >= c0) & (t < c1)
@@ -195,6 +200,20 @@ class TorchBackend(Backend):
             if need_hidden:
                 dh[r0:r1] = h.backward(dhs.mul_(sim.scale), r0, r1)
         return dh, self._bases_grad(dbn, b, bases) if need_bases else None
+
+    @staticmethod
+    def _lse_residual(hs: Tensor, b: RowNormalizer, v: int, lse: Tensor) -> Tensor | None:
+        """The error of a float32 log-sum-exp, or None where it is negligible. Stored in float32 it
+        is off by up to half an ulp of itself (3e-5 at 1e3: raw dot-product logits), and that error
+        enters every softmax entry of the backward; one more pass over the chunks sums exp(z - lse),
+        whose log is the error, precisely (the sum is 1 to 1e-5). The softmax is then
+        exp((z - lse) - residual), with no rounding of lse + residual in between."""
+        if lse.dtype != torch.float32 or not bool((lse.abs() > LARGE_LSE).any()):
+            return None
+        total = torch.zeros_like(lse)
+        for c0, c1 in column_chunks(hs.shape[0], v):
+            total += (hs @ b.rows(c0, c1).T).sub_(lse[:, None]).exp_().sum(1)
+        return torch.log(total)
 
     # --- top-k (and hard assignment, k = 1) ------------------------------------------------------
     def topk(self, hidden, bases, k: int, sim: SimilarityOptions):
