@@ -42,8 +42,13 @@ def main() -> None:
     baseline = json.loads((EVAL / "all-methods.json").read_text())
     sets = list(baseline)
     seeds = sorted(runs)
-    out = [f"Seeds: {seeds} for {', '.join(SEEDED)}; seed 0 for {', '.join(SEED0_ONLY)} (all-methods.json). "
-           "Accuracy, mean over the seeds (min-max where more than one).", ""]
+    out = ["# vds+ against the paper's vds and every baseline", "",
+           "Machine: 2-core AMD EPYC, no GPU; torch 2.13.0+cpu, transformers 5.24, peft 0.21.2. Default model "
+           "(SmolLM2-135M-Instruct), 256 training / 250 test examples per set as in all-methods.json. Commands:", "",
+           "    bash bench/app/run_vds_plus.sh 0 1 2", "    python bench/app/summarize_vds_plus.py > "
+           "bench/results/eval/vds-plus.md", "",
+           f"Seeds: {seeds} for {', '.join(SEEDED)}; seed 0 for {', '.join(SEED0_ONLY)} (all-methods.json, an "
+           "earlier run on a 2-core Xeon). Accuracy, mean over the seeds (min-max where more than one).", ""]
     out.append("| method | " + " | ".join(sets) + " | mean |")
     out.append("|---" * (len(sets) + 2) + "|")
     means: dict[str, dict[str, float]] = {}
@@ -101,7 +106,8 @@ def main() -> None:
             merged[s][kind].setdefault("trainable_parameters", count)
     out += ["", f"Cost (mean over the sets; seeded methods' seconds, parameters and memory from seed {cold}, the "
             "others' from all-methods.json; fit includes extracting the representations a method uses; peak "
-            "memory is what the method added to the process, not recorded in all-methods.json):", "",
+            "memory is what the method added to the process (the first method of a set, vds+, also holds "
+            "the forward passes that extract the representations), not recorded in all-methods.json):", "",
             "```", format_costs(merged), "```"]
     picture = plot_frontier(merged, EVAL / "frontier.png", "seven shared sets, default model")
     out += ["", f"![accuracy against fit time]({picture.name})"]

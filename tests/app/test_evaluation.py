@@ -129,7 +129,7 @@ def test_vocabsem_eval_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_method_costs_and_the_frontier(tmp_path):
-    from vocabsem_fast.app.evaluation import method_costs, plot_frontier
+    from vocabsem_fast.app.evaluation import frontier_methods, method_costs, plot_frontier
 
     def result(acc, fit, params, memory):
         return {"accuracy": acc, "macro_f1": acc / 2, "fit_seconds": fit, "predict_seconds": 1.0,
@@ -142,3 +142,6 @@ def test_method_costs_and_the_frontier(tmp_path):
     assert costs["cheap"]["peak_memory_mib"] == 30.0 and costs["dear"]["peak_memory_mib"] is None
     assert costs["dear"]["trainable_parameters"] == 5 and costs["dear"]["sets"] == 2
     assert plot_frontier(results, tmp_path / "f.png").stat().st_size > 1000
+    costs = {"cosine": {"fit_seconds": 0.0, "accuracy": 0.4}, "zeroshot": {"fit_seconds": 0.0, "accuracy": 0.5},
+             "slow-worse": {"fit_seconds": 9.0, "accuracy": 0.45}, "slow-better": {"fit_seconds": 9.0, "accuracy": 0.8}}
+    assert frontier_methods(costs) == ["zeroshot", "slow-better"]  # equal time: only the more accurate
