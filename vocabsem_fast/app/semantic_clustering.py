@@ -134,7 +134,8 @@ class VDSClassifier:
         self.module.train()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.epochs, desc=progress, unit="epoch", leave=False, disable=progress is None)
+        bar = tqdm(total=cfg.epochs, desc=progress, unit="epoch", leave=False, disable=progress is None,
+                   mininterval=0)  # every epoch shown: epochs are few
         for _ in range(cfg.epochs):
             order = torch.randperm(len(labels), generator=generator)  # the same order on every rank
             for start in range(0, len(order), cfg.batch_size):
