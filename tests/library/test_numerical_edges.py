@@ -114,3 +114,18 @@ def test_large_raw_logits_backward_as_precise_as_the_reference(impl):
     for name, got, want, exact in zip(("hidden", "bases"), fused, reference, truth):
         err, ref_err = (got - exact).abs().max().item(), (want - exact).abs().max().item()
         assert err <= 1.25 * ref_err + 1e-6, f"{name} grad: error {err:.2e}, the reference's {ref_err:.2e}"
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_a_nan_row_whose_target_is_ignored(impl, reduction, label_smoothing):
+    """An ignored row holding NaN: every backend as the reference (the row contributes 0)."""
+    hidden, bases = make(6, 9), make(40, 9)
+    hidden[2, 4] = float("nan")
+    targets = torch.tensor([1, 5, -100, 7, 0, 39])
+    kwargs = dict(scale=6.0, reduction=reduction, label_smoothing=label_smoothing)
+    got = vf.similarity_cross_entropy(hidden, bases, targets, impl=impl, **kwargs)
+    expected = ref.similarity_cross_entropy(hidden, bases, targets, **kwargs)
+    assert_close(got, expected, rtol=1e-5, atol=1e-5, name="loss")
+    assert bool(torch.isfinite(got).all())
