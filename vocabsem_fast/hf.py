@@ -22,17 +22,12 @@ from torch import Tensor, nn
 
 from ._validation import check_bool
 from .bases import SemanticBasis
-from .ops import similarity_cross_entropy, similarity_logits, similarity_topk
-
-_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+from .ops import autocast_dtype, similarity_cross_entropy, similarity_logits, similarity_topk
 
 
 def _compute_dtype(hidden: Tensor) -> torch.dtype:
     """The dtype the similarity ops will run in for ``hidden`` (autocast's, where it is on)."""
-    device = hidden.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and hidden.dtype in _LOW_PRECISION:
-        return torch.get_autocast_dtype(device)
-    return hidden.dtype
+    return autocast_dtype(hidden) or hidden.dtype
 
 
 class SimilarityHead(nn.Module):

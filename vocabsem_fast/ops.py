@@ -158,9 +158,9 @@ def _row_gradient(grad: Tensor, row_weights: Tensor, valid: Tensor, reduction: s
     return torch.where(valid, grad.expand(valid.shape), 0.0)
 
 
-def _weighted_basis_sum(bases: Tensor, class_weight: Tensor | None, normalize: bool, eps: float,
-                        inv_b: Tensor | None) -> Tensor:
-    """sum_j w_j bn_j (float32 or float64, (d,)), a V-chunk of the bases at a time."""
+def _weighted_basis_sum(bases: Tensor, class_weight: Tensor | None, inv_b: Tensor | None) -> Tensor:
+    """sum_j w_j bn_j (float32 or float64, (d,)), a V-chunk of the bases at a time (bn_j = b_j
+    without ``inv_b``)."""
     acc = accumulate_dtype(bases.dtype)
     total = torch.zeros(bases.shape[1], dtype=acc, device=bases.device)
     step = 1 << 14
@@ -177,7 +177,7 @@ def _weighted_basis_sum(bases: Tensor, class_weight: Tensor | None, normalize: b
 def _weighted_score_sums(hidden: Tensor, bases: Tensor, class_weight: Tensor, sim: SimilarityOptions) -> Tensor:
     """S_i = sum_j w_j z[i, j] = scale * hn_i . sum_j w_j bn_j."""
     inv_b = inverse_norms(bases, sim.eps) if sim.normalize else None
-    total = _weighted_basis_sum(bases, class_weight, sim.normalize, sim.eps, inv_b)
+    total = _weighted_basis_sum(bases, class_weight, inv_b)
     sums = hidden.to(total.dtype) @ total
     if sim.normalize:
         sums = sums * inverse_norms(hidden, sim.eps)
@@ -284,7 +284,7 @@ def _extra_terms_backward(target_coefficient: Tensor | None, sums_coefficient: T
             scale = target_coefficient if inv_b is None else target_coefficient * inv_b[targets]
             dhn.addcmul_(scale[:, None], picked)
         if sums_coefficient is not None:
-            total = _weighted_basis_sum(bases, class_weight, sim.normalize, sim.eps, inv_b)
+            total = _weighted_basis_sum(bases, class_weight, inv_b)
             dhn.addcmul_(sums_coefficient[:, None], total[None, :])
         dhn.mul_(sim.scale)
         dh = (dhn if inv_h is None else normalization_backward(hidden, inv_h, dhn, sim.eps, out=dhn)).to(hidden.dtype)
@@ -535,22 +535,27 @@ def _similarity_args(scale, normalize, eps) -> tuple[float, bool, float]:
     )
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``x`` runs in under the autocast active for its device, or None where autocast
+    is off (float64 stays as autocast leaves it)."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device) if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x.dtype
+
+
 def _autocast_pair(hidden, bases):
     """``(hidden, bases, context)``: under ``torch.autocast`` the pair runs in the autocast dtype,
     as a matmul would (a bf16 model's hidden states meet float32 bases; gradients flow back
     through the casts), and the op itself runs in ``context``, with autocast off, so that its own
     float32 arithmetic stays float32."""
-    off = contextlib.nullcontext()
     if not (isinstance(hidden, Tensor) and isinstance(bases, Tensor)):
-        return hidden, bases, off  # check_pair names the argument
-    device = hidden.device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return hidden, bases, off
-    dtype = torch.get_autocast_dtype(device)
-    low = (torch.float32, torch.float16, torch.bfloat16)  # float64 stays as autocast leaves it
-    hidden = hidden.to(dtype) if hidden.dtype in low else hidden
-    bases = bases.to(dtype) if bases.dtype in low else bases
-    return hidden, bases, torch.autocast(device, enabled=False)
+        return hidden, bases, contextlib.nullcontext()  # check_pair names the argument
+    dtype = autocast_dtype(hidden)
+    if dtype is None:
+        return hidden, bases, contextlib.nullcontext()
+    bases_dtype = autocast_dtype(bases) or bases.dtype
+    return hidden.to(dtype), bases.to(bases_dtype), torch.autocast(hidden.device.type, enabled=False)
 
 
 def similarity_logits(

@@ -6,12 +6,7 @@
 # Writes bench/results/eval/. About 90 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DATA=${DATA:-../shared/data}
-OUT=bench/results/eval
-sets=(sst2 subj agnews mr trec cb rte)
-args=()
-for s in "${sets[@]}"; do args+=(--data "$DATA/$s"); done
-mkdir -p "$OUT"
+source bench/app/shared_sets.sh
 vocabsem eval "${args[@]}" --train-limit 256 --test-limit 250 --seed 0 \
   --methods vds,vds:train=sm-gt,vds:train=mm:predict=mm,knn,icl,rag,lora,ia3,zeroshot,cosine \
   --out "$OUT/all-methods.json" --plot "$OUT/plots" > "$OUT/all-methods.txt"

@@ -4,15 +4,10 @@
 # set), for the seeds given (default 0 1 2). Writes bench/results/eval/vds-plus-seed<S>.json/.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DATA=${DATA:-../shared/data}
-OUT=bench/results/eval
-sets=(sst2 subj agnews mr trec cb rte)
-args=()
-for s in "${sets[@]}"; do args+=(--data "$DATA/$s"); done
-mkdir -p "$OUT"
-for seed in "${@:-0 1 2}"; do
-  for s in $seed; do
-    vocabsem eval "${args[@]}" --train-limit 256 --test-limit 250 --seed "$s" \
-      --methods vds+,vds,knn,zeroshot,cosine --out "$OUT/vds-plus-seed$s.json" > "$OUT/vds-plus-seed$s.txt"
-  done
+source bench/app/shared_sets.sh
+seeds=("$@")
+[ ${#seeds[@]} -gt 0 ] || seeds=(0 1 2)
+for seed in "${seeds[@]}"; do
+  vocabsem eval "${args[@]}" --train-limit 256 --test-limit 250 --seed "$seed" \
+    --methods vds+,vds,knn,zeroshot,cosine --out "$OUT/vds-plus-seed$seed.json" > "$OUT/vds-plus-seed$seed.txt"
 done
