@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -205,3 +208,34 @@ def similarity_cross_entropy(hidden: Tensor, bases_shard: Tensor, targets: Tenso
         return per_row.reshape(targets.shape)
     total = per_row.sum()
     return total if reduction == "sum" else total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def run_on_local_group(fn, world: int, *args, timeout: float | None = None) -> None:
+    """Runs ``fn(rank, world, *args)`` in ``world`` spawned processes joined by a gloo process
+    group on this machine (``fn`` must be importable: a module-level function), and returns when
+    every process has finished; an exception in one process is raised here. ``timeout`` (seconds)
+    bounds each collective's wait (default: torch's, 30 minutes).
+
+    Each process ends with ``os._exit(0)`` once ``fn`` returned and the group is torn down:
+    gloo's threads can abort an exiting interpreter ("terminate called without an active
+    exception", about one process in thirty in torch 2.13, after all work was done), which would
+    turn a finished run into a failure."""
+    import torch.multiprocessing as mp
+
+    world = check_int(world, "world", low=1)
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_local_group_process, args=(world, os.path.join(folder, "init"), fn, args, timeout), nprocs=world,
+                 join=True)
+
+
+def _local_group_process(rank: int, world: int, init_file: str, fn, args, timeout: float | None) -> None:
+    options = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, **options)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

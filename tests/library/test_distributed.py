@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vocabsem_fast as vs
+from vocabsem_fast import distributed
 
 from helpers import assert_matches
 
@@ -35,32 +35,25 @@ def _bounds(world: int, v: int) -> list[int]:
     return cuts
 
 
-def _worker(rank: int, world: int, init_file: str, seed: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = []
-        for i, (reduction, smoothing, normalize, scale, dtype) in enumerate(CASES):
-            h, b, t, upstream = _inputs(seed + i, dtype)
-            cuts = _bounds(world, b.shape[0])
-            hidden = h.clone().requires_grad_(True)
-            shard = b[cuts[rank]:cuts[rank + 1]].clone().requires_grad_(True)
-            from vocabsem_fast import distributed
-
-            loss = distributed.similarity_cross_entropy(hidden, shard, t, vocab_start=cuts[rank], scale=scale,
-                                                        normalize=normalize, reduction=reduction,
-                                                        label_smoothing=smoothing)
-            (loss * (upstream if reduction == "none" else 1.0)).sum().backward()
-            results.append({"loss": loss.detach(), "dh": hidden.grad, "db": shard.grad})
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, seed: int, out_dir: str) -> None:
+    results = []
+    for i, (reduction, smoothing, normalize, scale, dtype) in enumerate(CASES):
+        h, b, t, upstream = _inputs(seed + i, dtype)
+        cuts = _bounds(world, b.shape[0])
+        hidden = h.clone().requires_grad_(True)
+        shard = b[cuts[rank]:cuts[rank + 1]].clone().requires_grad_(True)
+        loss = distributed.similarity_cross_entropy(hidden, shard, t, vocab_start=cuts[rank], scale=scale,
+                                                    normalize=normalize, reduction=reduction,
+                                                    label_smoothing=smoothing)
+        (loss * (upstream if reduction == "none" else 1.0)).sum().backward()
+        results.append({"loss": loss.detach(), "dh": hidden.grad, "db": shard.grad})
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_loss_matches_single_process(world, tmp_path):
     seed = int(torch.randint(10**6, ()))  # from the test seed: a failure reproduces
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), seed, str(tmp_path)), nprocs=world, join=True)
+    distributed.run_on_local_group(_worker, world, seed, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for i, (reduction, smoothing, normalize, scale, dtype) in enumerate(CASES):
         h, b, t, upstream = _inputs(seed + i, dtype)
@@ -77,34 +70,25 @@ def test_sharded_loss_matches_single_process(world, tmp_path):
             assert_matches(got[i]["db"], bases.grad[cuts[r]:cuts[r + 1]], tol=tol, name=f"{name} shard grad")
 
 
-def _bad_shards_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from vocabsem_fast import distributed
-
-        h, b, t = torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0, 1, 2, 3])
-        try:  # both ranks claim the start of the vocabulary
-            distributed.similarity_cross_entropy(h, b, t, vocab_start=0)
-            message = "no error"
-        except ValueError as exc:
-            message = str(exc)
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(message)
-    finally:
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-        dist.destroy_process_group()
+def _bad_shards_worker(rank: int, world: int, out_dir: str) -> None:
+    h, b, t = torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0, 1, 2, 3])
+    try:  # both ranks claim the start of the vocabulary
+        distributed.similarity_cross_entropy(h, b, t, vocab_start=0)
+        message = "no error"
+    except ValueError as exc:
+        message = str(exc)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
 
 
 def test_overlapping_shards_are_rejected(tmp_path):
-    mp.spawn(_bad_shards_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    distributed.run_on_local_group(_bad_shards_worker, 2, str(tmp_path))
     for r in range(2):
         assert "must tile the vocabulary" in (tmp_path / f"rank{r}.txt").read_text()
 
 
 def test_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
-        from vocabsem_fast import distributed
-
         distributed.similarity_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]),
                                              vocab_start=0)
 
@@ -136,26 +120,15 @@ def _scenario_call(name: str, rank: int):
     return h, shard, t, kwargs
 
 
-def _scenario_worker(rank: int, world: int, init_file: str, name: str, out_dir: str) -> None:
-    from datetime import timedelta
-
-    # a short timeout: a rank left waiting fails this test in seconds, not in 30 minutes
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=30))
+def _scenario_worker(rank: int, world: int, name: str, out_dir: str) -> None:
+    h, shard, t, kwargs = _scenario_call(name, rank)
     try:
-        from vocabsem_fast import distributed
-
-        h, shard, t, kwargs = _scenario_call(name, rank)
-        try:
-            distributed.similarity_cross_entropy(h, shard, t, **kwargs)
-            message = "no error"
-        except (TypeError, ValueError) as exc:
-            message = f"{type(exc).__name__}: {exc}"
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(message)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        distributed.similarity_cross_entropy(h, shard, t, **kwargs)
+        message = "no error"
+    except (TypeError, ValueError) as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -167,34 +140,28 @@ def _scenario_worker(rank: int, world: int, init_file: str, name: str, out_dir: 
     ("target-range", ["targets must lie in [0, 7)"] * 2),
 ])
 def test_every_rank_stops_together(name, expected, tmp_path):
-    mp.spawn(_scenario_worker, args=(2, str(tmp_path / "init"), name, str(tmp_path)), nprocs=2, join=True)
+    # a short timeout: a rank left waiting fails this test in seconds, not in 30 minutes
+    distributed.run_on_local_group(_scenario_worker, 2, name, str(tmp_path), timeout=30)
     for rank, part in enumerate(expected):
         assert part in (tmp_path / f"rank{rank}.txt").read_text(), (rank, (tmp_path / f"rank{rank}.txt").read_text())
 
 
-def _empty_shard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from vocabsem_fast import distributed
-
-        g = torch.Generator().manual_seed(1)
-        h, b = torch.randn(5, 4, generator=g), torch.randn(2, 4, generator=g)
-        t = torch.tensor([0, 1, -100, 1, 0])
-        cuts = [0, 1, 2, 2]  # V = 2 over 3 ranks: the last shard is empty
-        hidden = h.clone().requires_grad_(True)
-        shard = b[cuts[rank]:cuts[rank + 1]].clone().requires_grad_(True)
-        loss = distributed.similarity_cross_entropy(hidden, shard, t, vocab_start=cuts[rank], scale=2.0,
-                                                    label_smoothing=0.1)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "dh": hidden.grad, "db": shard.grad}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _empty_shard_worker(rank: int, world: int, out_dir: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    h, b = torch.randn(5, 4, generator=g), torch.randn(2, 4, generator=g)
+    t = torch.tensor([0, 1, -100, 1, 0])
+    cuts = [0, 1, 2, 2]  # V = 2 over 3 ranks: the last shard is empty
+    hidden = h.clone().requires_grad_(True)
+    shard = b[cuts[rank]:cuts[rank + 1]].clone().requires_grad_(True)
+    loss = distributed.similarity_cross_entropy(hidden, shard, t, vocab_start=cuts[rank], scale=2.0,
+                                                label_smoothing=0.1)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "dh": hidden.grad, "db": shard.grad}, os.path.join(out_dir, f"{rank}.pt"))
 
 
 def test_an_empty_shard_takes_part(tmp_path):
     """V smaller than the world size: the rank with no rows used to fail alone and hang the rest."""
-    mp.spawn(_empty_shard_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
+    distributed.run_on_local_group(_empty_shard_worker, 3, str(tmp_path))
     g = torch.Generator().manual_seed(1)
     h, b = torch.randn(5, 4, generator=g), torch.randn(2, 4, generator=g)
     hidden, bases = h.clone().requires_grad_(True), b.clone().requires_grad_(True)
@@ -208,3 +175,30 @@ def test_an_empty_shard_takes_part(tmp_path):
         assert_matches(got["dh"], hidden.grad, tol=2e-6, name=f"rank {rank} hidden grad")
         assert got["db"].shape == (cuts[rank + 1] - cuts[rank], 4)
         assert_matches(got["db"], bases.grad[cuts[rank]:cuts[rank + 1]], tol=2e-6, name=f"rank {rank} shard grad")
+
+
+# --- the local launcher ------------------------------------------------------------------------
+def _aborting_at_exit_worker(rank: int, world: int, out_dir: str) -> None:
+    import atexit
+
+    # stands in for gloo's threads aborting an exiting interpreter after all work was done
+    atexit.register(os.abort)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("done")
+
+
+def test_an_abort_while_the_interpreter_exits_does_not_fail_a_finished_run(tmp_path):
+    distributed.run_on_local_group(_aborting_at_exit_worker, 2, str(tmp_path))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["done", "done"]
+
+
+def _failing_worker(rank: int, world: int) -> None:
+    if rank == 1:
+        raise ValueError("rank 1 cannot go on")
+
+
+def test_an_error_in_one_process_is_raised_by_the_launcher():
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 cannot go on"):
+        distributed.run_on_local_group(_failing_worker, 2)
+    with pytest.raises(ValueError, match="world"):
+        distributed.run_on_local_group(_failing_worker, 0)

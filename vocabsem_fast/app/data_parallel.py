@@ -10,24 +10,17 @@ import tempfile
 
 import torch
 
+from ..distributed import run_on_local_group
 from .representations import Representations
 from .semantic_clustering import SemanticClustering, VDSClassifier
 
 
 def _worker(rank: int, nproc: int, folder: str, threads: int) -> None:
-    import torch.distributed as dist
-
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'init')}", rank=rank,
-                            world_size=nproc)
-    try:
-        job = torch.load(os.path.join(folder, "job.pt"), weights_only=False)
-        classifier = job["classifier"].fit(job["reps"], job["labels"], distributed=True)
-        if rank == 0:
-            torch.save(classifier.module.state_dict(), os.path.join(folder, "module.pt"))
-    finally:
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-        dist.destroy_process_group()
+    job = torch.load(os.path.join(folder, "job.pt"), weights_only=False)
+    classifier = job["classifier"].fit(job["reps"], job["labels"], distributed=True)
+    if rank == 0:
+        torch.save(classifier.module.state_dict(), os.path.join(folder, "module.pt"))
 
 
 def fit_data_parallel(classifier: VDSClassifier, reps: Representations, labels: torch.Tensor,
@@ -38,12 +31,10 @@ def fit_data_parallel(classifier: VDSClassifier, reps: Representations, labels: 
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if nproc == 1:
         return classifier.fit(reps, labels, progress=progress)
-    import torch.multiprocessing as mp
-
     threads = max(1, torch.get_num_threads() // nproc)
     with tempfile.TemporaryDirectory() as folder:
         torch.save({"classifier": classifier, "reps": reps, "labels": labels}, os.path.join(folder, "job.pt"))
-        mp.spawn(_worker, args=(nproc, folder, threads), nprocs=nproc, join=True)
+        run_on_local_group(_worker, nproc, folder, threads)
         state = torch.load(os.path.join(folder, "module.pt"))
     classifier.module = SemanticClustering(classifier.bases.shape[1], attention=classifier.config.attention)
     classifier.module.load_state_dict(state)
