@@ -1,7 +1,7 @@
 """The vds+ comparison: per data set, vds+ / vds / zero-shot / kNN prompting over the seeds run
-by ``bench/app/run_vds_plus.sh`` (mean and spread), beside ICL, retrieval ICL, LoRA and IA3 of
-seed 0 from ``all-methods.json`` (same settings; too slow to rerun for every seed on this
-CPU); the targets checked; the cost table; and the frontier picture (seed 0, every method).
+by ``bench/app/run_vds_plus.sh``, beside ICL, retrieval ICL, LoRA and IA3 of seed 0 from
+``all-methods.json`` and of the seeds run by ``bench/app/run_baselines.sh`` (mean and spread
+over the seeds present); the targets checked; the cost table; and the frontier picture.
 
     python bench/app/summarize_vds_plus.py > bench/results/eval/vds-plus.md
 """
@@ -20,7 +20,7 @@ from vocabsem_fast.app.evaluation import format_costs, plot_frontier  # noqa: E4
 
 EVAL = ROOT / "bench" / "results" / "eval"
 SEEDED = ["vds+", "vds", "zeroshot", "knn", "cosine"]
-SEED0_ONLY = ["icl", "rag", "lora", "ia3"]
+SLOW = ["icl", "rag", "lora", "ia3"]
 CHEAP_RIVALS = ["zeroshot", "icl", "rag", "knn"]
 
 
@@ -36,29 +36,49 @@ def _adapter_parameters(kind: str) -> int:
     return sum(p.numel() for p in method._adapted(model).parameters() if p.requires_grad)
 
 
+def _slow_runs(baseline: dict) -> dict[str, dict[int, dict[str, float]]]:
+    """Accuracy of each slow method per seed and set: seed 0 from all-methods.json, other seeds
+    from baselines/seed<S>-<method>.json (a set missing from an unfinished run is left out)."""
+    runs: dict[str, dict[int, dict[str, float]]] = {m: {0: {}} for m in SLOW}
+    for s, methods in baseline.items():
+        for m in SLOW:
+            if m in methods:
+                runs[m][0][s] = methods[m]["accuracy"]
+    for path in sorted((EVAL / "baselines").glob("seed*-*.json")):
+        seed, method = path.stem.removeprefix("seed").split("-", 1)
+        for s, methods in json.loads(path.read_text()).items():
+            runs[method].setdefault(int(seed), {})[s] = methods[method]["accuracy"]
+    return runs
+
+
 def main() -> None:
     runs = {int(p.stem.rsplit("seed", 1)[1]): json.loads(p.read_text())
             for p in sorted(EVAL.glob("vds-plus-seed*.json"))}
     baseline = json.loads((EVAL / "all-methods.json").read_text())
+    slow = _slow_runs(baseline)
     sets = list(baseline)
     seeds = sorted(runs)
     out = ["# vds+ against the paper's vds and every baseline", "",
            "Machine: 2-core AMD EPYC, no GPU; torch 2.13.0+cpu, transformers 5.24, peft 0.21.2. Default model "
            "(SmolLM2-135M-Instruct), 256 training / 250 test examples per set as in all-methods.json. Commands:", "",
-           "    bash bench/app/run_vds_plus.sh 0 1 2", "    python bench/app/summarize_vds_plus.py > "
-           "bench/results/eval/vds-plus.md", "",
-           f"Seeds: {seeds} for {', '.join(SEEDED)}; seed 0 for {', '.join(SEED0_ONLY)} (all-methods.json, an "
-           "earlier run on a 2-core Xeon). Accuracy, mean over the seeds (min-max where more than one).", ""]
+           "    bash bench/app/run_vds_plus.sh 0 1 2", '    bash bench/app/run_baselines.sh "1 2" "ia3 icl rag lora"',
+           "    python bench/app/summarize_vds_plus.py > bench/results/eval/vds-plus.md", "",
+           f"Seeds: {seeds} for {', '.join(SEEDED)}; for {', '.join(SLOW)} seed 0 from all-methods.json (an "
+           "earlier run on a 2-core Xeon) and " + "; ".join(
+               f"{m} " + (", ".join(f"seed {k} ({len(v)} set{'s' if len(v) > 1 else ''})"
+                                     for k, v in sorted(slow[m].items()) if k)
+                          or "no other seed") for m in SLOW)
+           + ". Accuracy, mean over the seeds of each set (min-max where more than one).", ""]
     out.append("| method | " + " | ".join(sets) + " | mean |")
     out.append("|---" * (len(sets) + 2) + "|")
     means: dict[str, dict[str, float]] = {}
-    for method in SEEDED + SEED0_ONLY:
+    for method in SEEDED + SLOW:
         cells, per_set = [], {}
         for s in sets:
             if method in SEEDED:
                 values = [runs[k][s][method]["accuracy"] for k in seeds if s in runs[k] and method in runs[k][s]]
             else:
-                values = [baseline[s][method]["accuracy"]] if method in baseline.get(s, {}) else []
+                values = [by_set[s] for by_set in slow[method].values() if s in by_set]
             if not values:
                 cells.append("-")
                 continue
@@ -68,7 +88,7 @@ def main() -> None:
         means[method] = per_set
         mean = statistics.mean(per_set.values()) if len(per_set) == len(sets) else float("nan")
         out.append(f"| {method} | " + " | ".join(cells) + f" | {mean:.3f} |")
-    out += ["", "Targets (seed-0 rivals where only seed 0 exists; vds+ as its mean over the seeds):", ""]
+    out += ["", "Targets (each method as its mean over the seeds it has on the set):", ""]
     for s in sets:
         rivals = {m: means[m][s] for m in CHEAP_RIVALS if s in means[m]}
         best = max(rivals, key=rivals.get)
@@ -95,7 +115,7 @@ def main() -> None:
                        f"{c['scale']:g}, {c['epochs']} epochs (validation accuracy {c['validation_accuracy']:.3f})")
     # one row per method: accuracy as in the table above (seeded methods: mean over the seeds),
     # costs from the cold run (seeded methods) or from all-methods.json
-    merged = {s: {m: dict(baseline[s][m]) for m in SEED0_ONLY if m in baseline[s]} for s in sets}
+    merged = {s: {m: {**baseline[s][m], "accuracy": means[m][s]} for m in SLOW if m in baseline[s]} for s in sets}
     for s in sets:
         for m in SEEDED:
             merged[s][m] = {**runs[cold][s][m], "accuracy": means[m][s],
