@@ -95,8 +95,19 @@ def test_logits_matches_reference(impl, tile, shape, options):
         upstream = torch.randn_like(expected)
         _backward(out, upstream)
         _backward(expected, upstream)
-        l1 = upstream.abs().double()
-        _check_grads(hidden, bases, rh, rb, options, l1.sum(-1), l1.reshape(-1, v).sum(0))
+        if options.get("normalize", True):
+            l1 = upstream.abs().double()
+            _check_grads(hidden, bases, rh, rb, options, l1.sum(-1), l1.reshape(-1, v).sum(0))
+            return
+        # dot products: each gradient is a sum over V (or N) terms that can cancel far below their
+        # size, so two float32 sums differ by more than a tolerance relative to the result; both
+        # are held to the float64 truth instead, the backend within twice the reference's error
+        scale = options.get("scale", 1.0)
+        g = upstream.double().reshape(-1, v)
+        h64, b64 = hidden.detach().double().reshape(-1, d), bases.detach().double()
+        assert_error_bound(hidden.grad, rh.grad, (scale * g @ b64).reshape(hidden.shape), name="hidden.grad",
+                           slack=FP32_TOL)
+        assert_error_bound(bases.grad, rb.grad, scale * g.T @ h64, name="bases.grad", slack=FP32_TOL)
 
 
 # --- similarity_cross_entropy ---------------------------------------------------------------------
