@@ -54,6 +54,11 @@ def _slow_runs(baseline: dict) -> dict[str, dict[int, dict[str, dict]]]:
     return runs
 
 
+def _on_set(by_seed: dict[int, dict[str, dict]], s: str) -> list[dict]:
+    """The results on set ``s`` of every seed that ran it."""
+    return [by_set[s] for by_set in by_seed.values() if s in by_set]
+
+
 def main() -> None:
     runs = {int(p.stem.rsplit("seed", 1)[1]): json.loads(p.read_text())
             for p in sorted(EVAL.glob("vds-plus-seed*.json"))}
@@ -81,7 +86,7 @@ def main() -> None:
             if method in SEEDED:
                 values = [runs[k][s][method]["accuracy"] for k in seeds if s in runs[k] and method in runs[k][s]]
             else:
-                values = [by_set[s]["accuracy"] for by_set in slow[method].values() if s in by_set]
+                values = [r["accuracy"] for r in _on_set(slow[method], s)]
             if not values:
                 cells.append("-")
                 continue
@@ -108,11 +113,11 @@ def main() -> None:
     sources = {}
     for m in SLOW:
         cost_run = slow[m].get(COST_SEED, {})
-        sources[m] = f"seed {COST_SEED}" if all(s in cost_run for s in sets) else "all-methods.json"
+        complete = all(s in cost_run for s in sets)
+        sources[m] = f"seed {COST_SEED}" if complete else "all-methods.json"
         for s in sets:
-            seeded = [by_set[s] for by_set in slow[m].values() if s in by_set]
-            merged[s][m] = {**(cost_run[s] if sources[m] != "all-methods.json" else baseline[s][m]),
-                            "accuracy": means[m][s], "macro_f1": statistics.mean(r["macro_f1"] for r in seeded)}
+            merged[s][m] = {**(cost_run[s] if complete else baseline[s][m]), "accuracy": means[m][s],
+                            "macro_f1": statistics.mean(r["macro_f1"] for r in _on_set(slow[m], s))}
     for m in SEEDED:
         sources[m] = f"seed {cost_seed}"
         for s in sets:
