@@ -14,7 +14,6 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["vocabsem_fast", "vocabsem_fast.backends", "vocabsem_fast.app", "vocabsem_fast.kernels"]
-PACKAGE_DIR = {"vocabsem_fast.kernels": "kernels"}
 
 
 def _sources(pattern: str) -> list[str]:
@@ -69,7 +68,6 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -17,16 +17,12 @@ REPO = PACKAGE.parent
 
 
 def _library_files() -> list[Path]:
-    files = [p for p in PACKAGE.rglob("*.py") if "app" not in p.relative_to(PACKAGE).parts]
-    return files + sorted((REPO / "kernels").glob("*.py"))
+    return [p for p in PACKAGE.rglob("*.py") if "app" not in p.relative_to(PACKAGE).parts]
 
 
 def _imported_modules(path: Path) -> list[str]:
     """Absolute names of every module ``path`` imports (relative imports resolved)."""
-    package = (
-        "vocabsem_fast.kernels" if path.parent.name == "kernels"
-        else ".".join(path.relative_to(REPO).parent.parts)
-    )
+    package = ".".join(path.relative_to(REPO).parent.parts)
     names = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -66,3 +62,11 @@ def test_importing_the_library_loads_no_application_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_repository_root_holds_no_package_but_vocabsem_fast():
+    """Tests and ``python -m`` put the repository root on sys.path: a package folder there would
+    shadow an installed module of the same name (a root ``kernels/`` hid the Hugging Face
+    ``kernels`` library, which transformers imports, and broke every model load)."""
+    packages = sorted(p.name for p in REPO.iterdir() if (p / "__init__.py").is_file())
+    assert packages == ["vocabsem_fast"]
