@@ -54,22 +54,37 @@ def _slow_runs(baseline: dict) -> dict[str, dict[int, dict[str, dict]]]:
     return runs
 
 
+def _seeded_runs() -> dict[int, dict[str, dict]]:
+    """Per seed and set, the methods of run_vds_plus.sh: the full run vds-plus-seed<S>.json, with
+    the methods rerun after a change (vds-plus-seed<S>-<methods>.json) laid over it."""
+    runs: dict[int, dict[str, dict]] = {}
+    def rerun(path: Path) -> bool:
+        return "-" in path.stem.removeprefix("vds-plus")
+
+    for path in sorted(EVAL.glob("vds-plus-seed*.json"), key=lambda p: (rerun(p), p.name)):
+        seed = int(path.stem.removeprefix("vds-plus-seed").split("-")[0])
+        for s, methods in json.loads(path.read_text()).items():
+            runs.setdefault(seed, {}).setdefault(s, {}).update(methods)
+    return runs
+
+
 def _on_set(by_seed: dict[int, dict[str, dict]], s: str) -> list[dict]:
     """The results on set ``s`` of every seed that ran it."""
     return [by_set[s] for by_set in by_seed.values() if s in by_set]
 
 
 def main() -> None:
-    runs = {int(p.stem.rsplit("seed", 1)[1]): json.loads(p.read_text())
-            for p in sorted(EVAL.glob("vds-plus-seed*.json"))}
+    runs = _seeded_runs()
     baseline = json.loads((EVAL / "all-methods.json").read_text())
     slow = _slow_runs(baseline)
     sets = list(baseline)
     seeds = sorted(runs)
     out = ["# vds+ against the paper's vds and every baseline", "",
-           "Machine: 2-core AMD EPYC, no GPU; torch 2.13.0+cpu, transformers 5.24, peft 0.21.2. Default model "
-           "(SmolLM2-135M-Instruct), 256 training / 250 test examples per set as in all-methods.json. Commands:", "",
-           "    bash bench/app/run_vds_plus.sh 0 1 2", '    bash bench/app/run_baselines.sh "1 2" "ia3 icl rag lora"',
+           "Machine: 2-core AMD EPYC, no GPU; torch 2.13.0+cpu, transformers 5.24 (5.25 for the vds+ reruns), "
+           "peft 0.21.2. Default model (SmolLM2-135M-Instruct), 256 training / 250 test examples per set as in "
+           "all-methods.json. Commands:", "",
+           "    bash bench/app/run_vds_plus.sh 0 1 2", "    METHODS=vds+ bash bench/app/run_vds_plus.sh 0 1 2",
+           '    bash bench/app/run_baselines.sh "1 2" "ia3 icl rag lora"',
            "    python bench/app/summarize_vds_plus.py > bench/results/eval/vds-plus.md", "",
            f"Seeds: {seeds} for {', '.join(SEEDED)}; for {', '.join(SLOW)} seed 0 from all-methods.json (an "
            "earlier run on a 2-core Xeon) and " + "; ".join(

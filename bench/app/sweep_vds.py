@@ -21,7 +21,6 @@ import torch
 from vocabsem_fast.app.data import load_folder, stratified_subset
 from vocabsem_fast.app.evaluation import scores
 from vocabsem_fast.app.models import load_model
-from vocabsem_fast.app.representations import Representations
 from vocabsem_fast.app.semantic_clustering import FitConfig, VDSClassifier
 from vocabsem_fast.app.tasks import Task
 
@@ -36,9 +35,6 @@ CONFIGS = {
     "train=sm-gt": FitConfig(train_logits="sm-gt"),
 }
 
-
-def _rows(reps: Representations, index: torch.Tensor) -> Representations:
-    return Representations(reps.last[index], reps.mean[index], reps.max[index])
 
 
 def main() -> None:
@@ -64,8 +60,8 @@ def main() -> None:
         for name, config in CONFIGS.items():
             start = time.perf_counter()
             clf = VDSClassifier(basis.vectors, ids, config=replace(config, seed=args.seed))
-            clf.fit(_rows(reps, fit), labels[fit])
-            r = scores(labels[val], clf.predict(_rows(reps, val)), task.num_classes)
+            clf.fit(reps[fit], labels[fit])
+            r = scores(labels[val], clf.predict(reps[val]), task.num_classes)
             r["fit_seconds"] = time.perf_counter() - start
             results[task.data.name][name] = r
             print(f"{task.data.name:<8} {name:<20} acc {r['accuracy']:.3f}  F1 {r['macro_f1']:.3f}  "

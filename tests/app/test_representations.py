@@ -23,7 +23,7 @@ def test_a_prompt_has_the_same_representation_alone_or_padded(make, tmp_path):
     together = extract(model, tokenizer, PROMPTS, batch_size=4, use_cache=False, progress=False)
     for i, prompt in enumerate(PROMPTS):
         alone = extract(model, tokenizer, [prompt], batch_size=1, use_cache=False, progress=False)
-        for name in ("last", "mean", "max"):
+        for name in ("last", "mean", "max", "inner_last", "inner_mean"):
             torch.testing.assert_close(getattr(together, name)[i], getattr(alone, name)[0], rtol=1e-4, atol=1e-5)
 
 
@@ -32,10 +32,30 @@ def test_pooling_and_last_token_match_a_plain_forward():
     got = extract(model, tokenizer, PROMPTS[:2], batch_size=2, use_cache=False, progress=False)
     ids = tokenizer(PROMPTS[1], return_tensors="pt")
     with torch.no_grad():
-        states = model(**ids, output_hidden_states=True).hidden_states[-1][0]
+        hidden = model(**ids, output_hidden_states=True).hidden_states
+    states = hidden[-1][0]
     torch.testing.assert_close(got.last[1], states[-1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.mean[1], states.mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.max[1], states.amax(0), rtol=1e-4, atol=1e-5)
+    # the inner layer: three quarters of the depth, neither the embeddings nor the last layer
+    layers = len(hidden) - 1
+    inner = hidden[reps_module.inner_layer(layers)][0]
+    assert 0 < reps_module.inner_layer(layers) <= layers
+    torch.testing.assert_close(got.inner_last[1], inner[-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.inner_mean[1], inner.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_inner_layer_sits_at_three_quarters_of_the_depth():
+    assert [reps_module.inner_layer(n) for n in (1, 2, 4, 12, 30, 32)] == [1, 1, 3, 9, 22, 24]
+
+
+def test_rows_of_representations_select_every_field():
+    model, tokenizer = tiny_gpt2(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    got = extract(model, tokenizer, PROMPTS, use_cache=False, progress=False)
+    rows = got[torch.tensor([2, 0])]
+    assert len(rows) == 2
+    for name in ("last", "mean", "max", "inner_last", "inner_mean"):
+        assert torch.equal(getattr(rows, name), getattr(got, name)[[2, 0]])
 
 
 def test_batches_keep_the_prompt_order():
@@ -60,6 +80,7 @@ def test_second_extraction_comes_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(reps_module, "_encode_batch", _no_forward)
     again = extract(model, tokenizer, PROMPTS, cache_dir=tmp_path, progress=False)
     assert torch.equal(first.last, again.last) and torch.equal(first.max, again.max)
+    assert torch.equal(first.inner_last, again.inner_last) and torch.equal(first.inner_mean, again.inner_mean)
     with pytest.raises(ForwardPass):  # other prompts are not in the cache
         extract(model, tokenizer, PROMPTS[:2], cache_dir=tmp_path, progress=False)
 
@@ -111,3 +132,12 @@ def test_a_prompt_longer_than_the_context_keeps_its_end_and_is_reported():
         states = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
     torch.testing.assert_close(got.last[0], states[-1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.mean[0], states.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_the_head_runs_on_the_last_position_only():
+    """Extraction needs no logits: the head must not build a (batch, tokens, vocabulary) tensor."""
+    model, tokenizer = tiny_llama(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    extract(model, tokenizer, PROMPTS, batch_size=4, use_cache=False, progress=False)
+    assert seen and all(shape[1] == 1 for shape in seen)

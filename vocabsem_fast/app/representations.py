@@ -1,5 +1,6 @@
 """Frozen-LM representations of prompts: the last layer's hidden state (after the final norm)
-at the last prompt token, plus its mean and max over the prompt's tokens.
+at the last prompt token, plus its mean and max over the prompt's tokens; and the last-token
+state and token mean of one inner layer (three quarters of the depth), which ``vds+`` reads.
 
 Batches are left-padded with explicit position ids, so a prompt gets the same representation
 alone or beside longer ones. Results are cached on disk, keyed by the model's head weights and
@@ -9,6 +10,7 @@ configuration and by the exact prompts, so a second run does no forward passes.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,8 +22,19 @@ from torch import Tensor
 from ..bases import lm_head_weight
 from ..cache import content_key, default_cache_dir, load_tensors, save_tensors, tensor_sha256
 
-_FORMAT = "vocabsem_fast.representations/2"
-_KINDS = ("last", "mean", "max")
+_FORMAT = "vocabsem_fast.representations/3"
+_KINDS = ("last", "mean", "max", "inner_last", "inner_mean")
+
+# Where the inner layer sits, as a fraction of the depth. Linear probes on the training splits of
+# six shared sets (4-fold cross-validation, default model) peak at 19-23 of 30 layers, well above
+# the last layer (bench/results/eval/layer-probes.md).
+INNER_DEPTH = 0.75
+
+
+def inner_layer(num_layers: int) -> int:
+    """Index into a model's ``hidden_states`` (0: the embeddings) of the inner layer: three
+    quarters of the depth, rounded down, at least the first layer."""
+    return max(1, min(num_layers, int(INNER_DEPTH * num_layers)))
 
 
 @dataclass
@@ -29,9 +42,18 @@ class Representations:
     last: Tensor  # (M, d) last prompt token, last layer, after the final norm
     mean: Tensor  # (M, d) mean over the prompt's tokens of the same layer
     max: Tensor   # (M, d) elementwise max over the prompt's tokens
+    inner_last: Tensor | None = None  # (M, d) last prompt token of the inner layer (no norm)
+    inner_mean: Tensor | None = None  # (M, d) its mean over the prompt's tokens
 
     def __len__(self) -> int:
         return self.last.shape[0]
+
+    def __getitem__(self, index) -> Representations:
+        """The rows ``index`` of every field."""
+        return Representations(*(None if t is None else t[index] for t in self._fields()))
+
+    def _fields(self) -> tuple:
+        return self.last, self.mean, self.max, self.inner_last, self.inner_mean
 
 
 def model_fingerprint(model) -> str:
@@ -78,13 +100,20 @@ def batch_inputs(tokenizer, prompts: list[str], device, *, max_length: int | Non
 @torch.no_grad()
 def _encode_batch(model, tokenizer, prompts: list[str], max_tokens: int) -> Representations:
     ids, mask, positions = batch_inputs(tokenizer, prompts, next(model.parameters()).device, max_length=max_tokens)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    # the head's logits are not needed: where the model allows, it computes them for one position
+    # instead of every one (a (batch, tokens, vocabulary) tensor, a fifth of the forward's work)
+    skip_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, **skip_logits)
     states = out.hidden_states[-1].float()  # HF applies the final norm to the last entry
+    inner = out.hidden_states[inner_layer(len(out.hidden_states) - 1)].float()
     keep = mask.bool().unsqueeze(-1)
     count = mask.sum(-1, keepdim=True).clamp_min(1).to(states.dtype)
-    mean = torch.where(keep, states, 0.0).sum(1) / count
+
+    def token_mean(x: Tensor) -> Tensor:
+        return (torch.where(keep, x, 0.0).sum(1) / count).cpu()
+
     peak = torch.where(keep, states, float("-inf")).amax(1)
-    return Representations(states[:, -1].cpu(), mean.cpu(), peak.cpu())
+    return Representations(states[:, -1].cpu(), token_mean(states), peak.cpu(), inner[:, -1].cpu(), token_mean(inner))
 
 
 def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache_dir: str | os.PathLike | None = None,
@@ -124,7 +153,7 @@ def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache
         reps = Representations(*(stacked[name][inverse] for name in _KINDS))
     else:
         d = model.config.hidden_size
-        reps = Representations(torch.empty(0, d), torch.empty(0, d), torch.empty(0, d))
+        reps = Representations(*(torch.empty(0, d) for _ in _KINDS))
     if path is not None:
         save_tensors(path, key, {name: getattr(reps, name) for name in _KINDS})
     return reps

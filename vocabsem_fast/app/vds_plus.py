@@ -8,16 +8,22 @@ bases is at chance). ``vds+`` scores class c of an example as
 
 where ``p_zeroshot`` is the LM head's next-token distribution over the label words (first tokens)
 at the prompt's last position, renormalised over the classes, ``basis_c`` is the semantic basis
-of label word c (its last token, as in ``vds``) and ``module`` is the paper's semantic clustering
-module on the frozen representation ``r``. The module is trained either with cross-entropy over
-the classes (the prior inside the logits) or, as the paper trains it, with the fused similarity
-cross-entropy over the whole vocabulary (the prior then added when predicting).
+of label word c (its last token, as in ``vds``) and ``module`` maps the frozen representation
+``r`` into the latent space of the bases. By default (``read="layers"``) the module reads more
+than the last layer: the last-token state of the last layer and the last-token state and token
+mean of an inner layer (three quarters of the depth, where linear probes of the default model
+peak), each standardised with the training rows' statistics, through an MLP and a LayerNorm
+(``LayeredClustering``); ``read="last"`` uses the paper's semantic clustering module on the last
+layer. The module is trained either with cross-entropy over the classes (the prior inside the
+logits) or, as the paper trains it, with the fused similarity cross-entropy over the whole
+vocabulary (the prior then added when predicting).
 
 What the evidence decides, on a validation split carved from the training data (never the test
 split): which training, whether the prior enters (``a`` in {0, 1}), the scale, and the number of
-epochs, checked after every epoch; and whether training helps at all (the zero-shot answer alone
-is a candidate, so ``vds+`` does not lose to the model it adapts unless validation misleads it).
-The winner is refitted on the whole training split for the chosen number of epochs.
+epochs, checked after every epoch (a candidate stops after ``patience`` epochs without a gain);
+and whether training helps at all (the zero-shot answer alone is a candidate, so ``vds+`` does
+not lose to the model it adapts unless validation misleads it). The winner is refitted on the
+whole training split for the chosen number of epochs.
 """
 
 from __future__ import annotations
@@ -27,30 +33,35 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops import similarity_cross_entropy, similarity_logits
 from .representations import Representations
 from .semantic_clustering import ATTENTION, SemanticClustering
 
+READ = ("layers", "last")
+
 
 @dataclass
 class PlusConfig:
     epochs: int = 40  # the most epochs a candidate trains (the best one is chosen by validation)
+    patience: int = 10  # a candidate stops after this many epochs without a validation gain
     lr: float = 1e-3
     batch_size: int = 32
     weight_decay: float = 0.01
-    scales: tuple[float, ...] = (10.0, 20.0)
+    scales: tuple[float, ...] = (10.0,)
     priors: tuple[float, ...] = (0.0, 1.0)
     validation: float = 0.25  # fraction of the training split held out for the choices
     vocabulary: bool = True  # also try the paper's training over every basis (needs the bases)
-    attention: str = "pooled"
+    read: str = "layers"  # "layers": last and inner layer (LayeredClustering); "last": the paper's module
+    attention: str = "pooled"  # the paper's module's channel attention (read="last" only)
     seed: int = 0
 
     def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
-        for name in ("epochs", "batch_size"):
+        for name, allowed in (("attention", ATTENTION), ("read", READ)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("epochs", "patience", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -72,6 +83,39 @@ class Choice:
     epochs: int
     validation_accuracy: float
     candidates: dict = field(default_factory=dict)
+
+
+class LayeredClustering(nn.Module):
+    """``vds+``'s module: features from more than one layer (concatenated, ``inputs`` vectors of
+    size d), standardised with the statistics of the rows it trains on, mapped ``inputs*d -> 2d ->
+    d`` and layer-normed into the latent space of the semantic bases. Layers differ in scale by
+    orders of magnitude (inner layers carry a few huge channels), hence the standardisation."""
+
+    def __init__(self, d: int, inputs: int, *, expansion: int = 2):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(inputs * d))
+        self.register_buffer("spread", torch.ones(inputs * d))
+        self.mlp = nn.Sequential(nn.Linear(inputs * d, expansion * d), nn.GELU(), nn.Linear(expansion * d, d))
+        self.norm = nn.LayerNorm(d)
+
+    @torch.no_grad()
+    def standardise_with(self, features: Tensor) -> LayeredClustering:
+        self.shift.copy_(features.mean(0))
+        self.spread.copy_(features.std(0, unbiased=False).clamp_min(1e-6) if len(features) > 1
+                          else torch.ones_like(self.spread))
+        return self
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.norm(self.mlp((features - self.shift) / self.spread))
+
+
+def layered_features(reps: Representations) -> Tensor:
+    """(M, 3d): the last layer's last-token state, the inner layer's last-token state and mean."""
+    if reps.inner_last is None or reps.inner_mean is None:
+        raise ValueError("vds+ with read='layers' needs the inner layer's states (Representations.inner_last and "
+                         "inner_mean, filled by app.representations.extract); pass read='last' to use the last "
+                         "layer alone")
+    return torch.cat([reps.last, reps.inner_last, reps.inner_mean], dim=-1).float()
 
 
 def _stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -98,42 +142,61 @@ class VDSPlusClassifier:
         self.bases = None if bases is None else bases.float()
         self.label_token_ids = None if label_token_ids is None else label_token_ids.long()
         self.choice: Choice | None = None
-        self.module: SemanticClustering | None = None
+        self.module: nn.Module | None = None
 
-    def _logits(self, module, reps: Representations, idx, prior: Tensor, a: float, scale: float) -> Tensor:
-        out = module(reps.last[idx], reps.mean[idx], reps.max[idx])
-        return a * prior[idx] + similarity_logits(out, self.label_bases, scale=scale)
+    def _inputs(self, reps: Representations) -> tuple[Tensor, ...]:
+        """What the module reads of every row: one feature matrix, or the paper's three views."""
+        if self.config.read == "layers":
+            return (layered_features(reps),)
+        return reps.last.float(), reps.mean.float(), reps.max.float()
 
-    def _loss(self, module, reps: Representations, batch, prior: Tensor, labels: Tensor, training: str, a: float,
-              scale: float) -> Tensor:
-        if training == "vocabulary":
-            out = module(reps.last[batch], reps.mean[batch], reps.max[batch])
-            return similarity_cross_entropy(out, self.bases, self.label_token_ids[labels[batch]], scale=scale)
-        return F.cross_entropy(self._logits(module, reps, batch, prior, a, scale), labels[batch])
-
-    def _train(self, reps: Representations, prior: Tensor, labels: Tensor, idx: Tensor, training: str, a: float,
-               scale: float, epochs: int, seed: int, evaluate=None):
-        """A module trained ``epochs`` epochs on rows ``idx``; ``evaluate(module)`` after each."""
-        cfg = self.config
+    def _new_module(self, inputs: tuple[Tensor, ...], rows: Tensor, seed: int) -> nn.Module:
+        d = self.label_bases.shape[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            module = SemanticClustering(self.label_bases.shape[1], attention=cfg.attention)
+            if self.config.read == "layers":
+                return LayeredClustering(d, inputs[0].shape[1] // d).standardise_with(inputs[0][rows])
+            return SemanticClustering(d, attention=self.config.attention)
+
+    def _logits(self, module, inputs, idx, prior: Tensor, a: float, scale: float) -> Tensor:
+        out = module(*(x[idx] for x in inputs))
+        return a * prior[idx] + similarity_logits(out, self.label_bases, scale=scale)
+
+    def _loss(self, module, inputs, batch, prior: Tensor, labels: Tensor, training: str, a: float,
+              scale: float) -> Tensor:
+        if training == "vocabulary":
+            out = module(*(x[batch] for x in inputs))
+            return similarity_cross_entropy(out, self.bases, self.label_token_ids[labels[batch]], scale=scale)
+        return F.cross_entropy(self._logits(module, inputs, batch, prior, a, scale), labels[batch])
+
+    def _train(self, inputs, prior: Tensor, labels: Tensor, idx: Tensor, training: str, a: float, scale: float,
+               epochs: int, seed: int, evaluate=None):
+        """A module trained on rows ``idx`` for ``epochs`` epochs, or, given ``evaluate(module)``
+        (a list of scores after each epoch), until no score has improved for ``patience`` epochs."""
+        cfg = self.config
+        module = self._new_module(inputs, idx, seed)
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(seed)
-        history = []
+        history, best, since = [], None, 0
         for _ in range(epochs):
             module.train()
             order = idx[torch.randperm(len(idx), generator=generator)]
             for start in range(0, len(order), cfg.batch_size):
                 batch = order[start:start + cfg.batch_size]
-                loss = self._loss(module, reps, batch, prior, labels, training, a, scale)
+                loss = self._loss(module, inputs, batch, prior, labels, training, a, scale)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             if evaluate is not None:
                 module.eval()
                 with torch.no_grad():
-                    history.append(evaluate(module))
+                    scores = evaluate(module)
+                history.append(scores)
+                gained = best is None or any(x > b for x, b in zip(scores, best))
+                best = scores if best is None else [max(x, b) for x, b in zip(scores, best)]
+                since = 0 if gained else since + 1
+                if since >= cfg.patience:
+                    break
         module.eval()
         return module, history
 
@@ -141,6 +204,7 @@ class VDSPlusClassifier:
         """``prior``: (N, classes) zero-shot log-probabilities of the training examples."""
         cfg = self.config
         labels = labels.long()
+        inputs = self._inputs(reps)
         fit_idx, held_idx = _stratified_split(labels, cfg.validation, cfg.seed)
         prior = prior.float()
 
@@ -154,9 +218,9 @@ class VDSPlusClassifier:
             # one vocabulary-trained module serves both prior weights (the prior enters at prediction)
             weights = cfg.priors if training == "vocabulary" else (a,)
             _, history = self._train(
-                reps, prior, labels, fit_idx, training, a, scale, cfg.epochs, cfg.seed,
+                inputs, prior, labels, fit_idx, training, a, scale, cfg.epochs, cfg.seed,
                 evaluate=lambda m, weights=weights, scale=scale: [
-                    accuracy(self._logits(m, reps, held_idx, prior, w, scale)) for w in weights])
+                    accuracy(self._logits(m, inputs, held_idx, prior, w, scale)) for w in weights])
             for k, w in enumerate(weights):
                 scores = [h[k] for h in history]
                 epoch = max(range(len(scores)), key=lambda e: (scores[e], -e))  # the earliest best
@@ -169,7 +233,7 @@ class VDSPlusClassifier:
         self.choice = best
         if best.epochs:
             every = torch.arange(len(labels))
-            self.module, _ = self._train(reps, prior, labels, every, best.training, best.prior_weight, best.scale,
+            self.module, _ = self._train(inputs, prior, labels, every, best.training, best.prior_weight, best.scale,
                                          best.epochs, cfg.seed)
         return self
 
@@ -188,7 +252,8 @@ class VDSPlusClassifier:
         if not self.choice.epochs:
             return prior.argmax(-1)
         every = torch.arange(prior.shape[0])
-        return self._logits(self.module, reps, every, prior, self.choice.prior_weight, self.choice.scale).argmax(-1)
+        return self._logits(self.module, self._inputs(reps), every, prior, self.choice.prior_weight,
+                            self.choice.scale).argmax(-1)
 
     @property
     def candidates_trained(self) -> int:
