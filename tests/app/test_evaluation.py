@@ -75,6 +75,9 @@ def test_evaluate_task_scores_every_method_and_charges_shared_representations(tm
     # vds computed the representations; knn and the rest reuse them but are charged their time
     assert results["knn:k=3"]["fit_seconds"] >= task.extraction_seconds["train"]
     assert results["zeroshot"]["predict_seconds"] >= task.extraction_seconds["test"]
+    assert results["knn:k=3"]["extraction_seconds"] == {s: task.extraction_seconds[s] for s in ("train", "test")}
+    assert results["zeroshot"]["extraction_seconds"] == {"test": task.extraction_seconds["test"]}
+    assert results["icl:shots=1"]["extraction_seconds"] == {}
     analysis = results["vds:epochs=3"]["analysis"]
     assert set(analysis) == {"ari_before", "ari_after", "knn_accuracy_before", "knn_accuracy_after"}
     assert (tmp_path / "tiny-vds_epochs-3.png").stat().st_size > 1000

@@ -291,6 +291,8 @@ def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None
                     predict_seconds += shared
         result = scores(task.labels("test"), predicted, task.num_classes)
         result.update(seconds=fit_seconds + predict_seconds, fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                      # of which the forward passes that extracted the shared representations
+                      extraction_seconds={s: task.extraction_seconds[s] for s in method.uses_representations},
                       trainable_parameters=trainable_parameters(method), peak_memory_mib=peak.above_start_mib,
                       train_size=len(task.train), test_size=len(task.test), test_is_train_holdout=task.holdout)
         if hasattr(method, "details"):
