@@ -59,7 +59,7 @@ def _seeded_runs() -> dict[int, dict[str, dict]]:
     the methods rerun after a change (vds-plus-seed<S>-<methods>.json) laid over it."""
     runs: dict[int, dict[str, dict]] = {}
     def rerun(path: Path) -> bool:
-        return "-" in path.stem.removeprefix("vds-plus")
+        return "-" in path.stem.removeprefix("vds-plus-seed")
 
     for path in sorted(EVAL.glob("vds-plus-seed*.json"), key=lambda p: (rerun(p), p.name)):
         seed = int(path.stem.removeprefix("vds-plus-seed").split("-")[0])
@@ -144,7 +144,13 @@ def main() -> None:
                f"{'met' if plus_mean >= ia3_mean - 0.02 else f'missed by {ia3_mean - 0.02 - plus_mean:.3f}'})")
     out.append(f"- mean fit seconds ({sources['vds+']} for vds+, {sources['ia3']} for IA3; both extracting their own "
                f"representations): vds+ {plus_fit:.1f}, IA3 {ia3_fit:.1f} "
-               f"(at most a fifth: {'met' if plus_fit <= ia3_fit / 5 else 'missed'})")
+               f"(at most a fifth: {'met' if plus_fit <= ia3_fit / 5 else 'missed'}, "
+               f"{plus_fit / ia3_fit:.2f} of it)")
+    extraction = [merged[s]["vds+"].get("extraction_seconds", {}).get("train") for s in sets]
+    if None not in extraction:
+        floor = statistics.mean(extraction)
+        out.append(f"  - of vds+'s fit, the forward passes that extract the training representations: {floor:.1f} s "
+                   f"({floor / ia3_fit:.2f} of IA3's fit), the validated training: {plus_fit - floor:.1f} s")
     out += ["", "What vds+ chose on validation (per seed):", ""]
     for s in sets:
         for k in seeds:

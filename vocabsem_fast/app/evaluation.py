@@ -64,8 +64,8 @@ class VDS:
 
 
 class VDSPlus:
-    """``vds+`` (see ``vds_plus``): the zero-shot answer as a prior that a semantic clustering
-    module corrects, every choice made on a validation split of the training data."""
+    """``vds+`` (see ``vds_plus``): the zero-shot answer as a prior that a module reading the last
+    and an inner layer corrects, every choice made on a validation split of the training data."""
 
     uses_representations = ("train", "test")
 
