@@ -11,7 +11,7 @@ last-token state and token mean, its accuracy by 4-fold stratified cross-validat
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import time
 
 import numpy as np
@@ -42,6 +42,15 @@ def layer_states(model, tokenizer, prompts: list[str], batch_size: int = 16) -> 
     return np.stack(rows)
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "CPU"
+    return f"{os.cpu_count()}-core {name}"
+
+
 def main() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -67,7 +76,7 @@ def main() -> None:
     mean = np.mean(list(table.values()), 0)
     print("# Linear probes of every layer (training splits, 4-fold cross-validation)\n")
     print(f"Default model ({layers - 1} layers; 0 = embeddings, {layers - 1} = last, after the final norm), "
-          f"{args.train_limit} training examples per set, seed {args.seed}; {platform.processor() or 'CPU'}, "
+          f"{args.train_limit} training examples per set, seed {args.seed}; {_cpu()}, "
           f"torch {torch.__version__}, {time.perf_counter() - start:.0f} s. Command:\n")
     print("    python bench/app/probe_layers.py " + " ".join(f"--data {p}" for p in args.data)
           + " > bench/results/eval/layer-probes.md\n")

@@ -26,8 +26,8 @@ _FORMAT = "vocabsem_fast.representations/3"
 _KINDS = ("last", "mean", "max", "inner_last", "inner_mean")
 
 # Where the inner layer sits, as a fraction of the depth. Linear probes on the training splits of
-# six shared sets (4-fold cross-validation, default model) peak at 19-23 of 30 layers, well above
-# the last layer (bench/results/eval/layer-probes.md).
+# the seven shared sets (4-fold cross-validation, default model) are best at layers 22-23 of 30,
+# above the last layer (bench/results/eval/layer-probes.md).
 INNER_DEPTH = 0.75
 
 

@@ -88,8 +88,8 @@ class Choice:
 class LayeredClustering(nn.Module):
     """``vds+``'s module: features from more than one layer (concatenated, ``inputs`` vectors of
     size d), standardised with the statistics of the rows it trains on, mapped ``inputs*d -> 2d ->
-    d`` and layer-normed into the latent space of the semantic bases. Layers differ in scale by
-    orders of magnitude (inner layers carry a few huge channels), hence the standardisation."""
+    d`` and layer-normed into the latent space of the semantic bases. Channels differ in scale by
+    orders of magnitude (inner layers carry a few huge ones), hence the standardisation."""
 
     def __init__(self, d: int, inputs: int, *, expansion: int = 2):
         super().__init__()
