@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -23,7 +23,6 @@ from ..bases import lm_head_weight
 from ..cache import content_key, default_cache_dir, load_tensors, save_tensors, tensor_sha256
 
 _FORMAT = "vocabsem_fast.representations/3"
-_KINDS = ("last", "mean", "max", "inner_last", "inner_mean")
 
 # Where the inner layer sits, as a fraction of the depth. Linear probes on the training splits of
 # the seven shared sets (4-fold cross-validation, default model) are best at layers 22-23 of 30,
@@ -50,10 +49,10 @@ class Representations:
 
     def __getitem__(self, index) -> Representations:
         """The rows ``index`` of every field."""
-        return Representations(*(None if t is None else t[index] for t in self._fields()))
+        return Representations(*(None if (t := getattr(self, name)) is None else t[index] for name in _KINDS))
 
-    def _fields(self) -> tuple:
-        return self.last, self.mean, self.max, self.inner_last, self.inner_mean
+
+_KINDS = tuple(f.name for f in fields(Representations))  # the cached tensors, in field order
 
 
 def model_fingerprint(model) -> str:
@@ -98,11 +97,8 @@ def batch_inputs(tokenizer, prompts: list[str], device, *, max_length: int | Non
 
 
 @torch.no_grad()
-def _encode_batch(model, tokenizer, prompts: list[str], max_tokens: int) -> Representations:
+def _encode_batch(model, tokenizer, prompts: list[str], max_tokens: int, skip_logits: dict) -> Representations:
     ids, mask, positions = batch_inputs(tokenizer, prompts, next(model.parameters()).device, max_length=max_tokens)
-    # the head's logits are not needed: where the model allows, it computes them for one position
-    # instead of every one (a (batch, tokens, vocabulary) tensor, a fifth of the forward's work)
-    skip_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, **skip_logits)
     states = out.hidden_states[-1].float()  # HF applies the final norm to the last entry
     inner = out.hidden_states[inner_layer(len(out.hidden_states) - 1)].float()
@@ -137,6 +133,9 @@ def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache
                       stacklevel=2)
     # longest first: batches of similar length waste less on padding; order restored below
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    # the head's logits are not needed: where the model allows, it computes them for one position
+    # instead of every one (a (batch, tokens, vocabulary) tensor, a fifth of the forward's work)
+    skip_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     parts = []
     batches = range(0, len(order), batch_size)
     if progress:
@@ -145,7 +144,7 @@ def extract(model, tokenizer, prompts: list[str], *, batch_size: int = 16, cache
         batches = tqdm(batches, desc=desc, unit="batch", leave=False)
     for start in batches:
         parts.append(_encode_batch(model, tokenizer, [prompts[i] for i in order[start:start + batch_size]],
-                                   max_tokens))
+                                   max_tokens, skip_logits))
     if parts:
         stacked = {name: torch.cat([getattr(p, name) for p in parts]) for name in _KINDS}
         inverse = torch.empty(len(order), dtype=torch.long)
