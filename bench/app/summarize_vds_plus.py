@@ -73,6 +73,13 @@ def _on_set(by_seed: dict[int, dict[str, dict]], s: str) -> list[dict]:
     return [by_set[s] for by_set in by_seed.values() if s in by_set]
 
 
+def _training_extraction(result: dict) -> float | None:
+    """Seconds of the forward passes that extracted the training representations, at whatever
+    precision (key ``train`` or ``train@dtype``)."""
+    times = [t for key, t in result.get("extraction_seconds", {}).items() if key.partition("@")[0] == "train"]
+    return times[0] if times else None
+
+
 def main() -> None:
     runs = _seeded_runs()
     baseline = json.loads((EVAL / "all-methods.json").read_text())
@@ -146,11 +153,13 @@ def main() -> None:
                f"representations): vds+ {plus_fit:.1f}, IA3 {ia3_fit:.1f} "
                f"(at most a fifth: {'met' if plus_fit <= ia3_fit / 5 else 'missed'}, "
                f"{plus_fit / ia3_fit:.2f} of it)")
-    extraction = [merged[s]["vds+"].get("extraction_seconds", {}).get("train") for s in sets]
+    extraction = [_training_extraction(merged[s]["vds+"]) for s in sets]
     if None not in extraction:
         floor = statistics.mean(extraction)
         out.append(f"  - of vds+'s fit, the forward passes that extract the training representations: {floor:.1f} s "
                    f"({floor / ia3_fit:.2f} of IA3's fit), the validated training: {plus_fit - floor:.1f} s")
+        dtypes = {merged[s]["vds+"].get("extraction_dtype", "float32") for s in sets}
+        out.append(f"  - vds+'s forward passes ran in {', '.join(sorted(dtypes))}")
     out += ["", "What vds+ chose on validation (per seed):", ""]
     for s in sets:
         for k in seeds:

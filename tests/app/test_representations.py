@@ -83,6 +83,8 @@ def test_second_extraction_comes_from_the_cache(tmp_path, monkeypatch):
     assert torch.equal(first.inner_last, again.inner_last) and torch.equal(first.inner_mean, again.inner_mean)
     with pytest.raises(ForwardPass):  # other prompts are not in the cache
         extract(model, tokenizer, PROMPTS[:2], cache_dir=tmp_path, progress=False)
+    with pytest.raises(ForwardPass):  # nor the same prompts through the model at another precision
+        extract(model.to(torch.bfloat16), tokenizer, PROMPTS, cache_dir=tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip-data-byte"])

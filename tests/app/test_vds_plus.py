@@ -1,5 +1,5 @@
 """``vds+``: the zero-shot answer as a prior that a semantic clustering module corrects, with
-every choice made on a validation split of the training data."""
+every choice made by cross-validation on the training data."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import pytest
 import torch
 from test_baselines import tiny_task
 
-from vocabsem_fast.app.evaluation import VDSPlus, evaluate_task, make_method
+from vocabsem_fast.app.evaluation import VDSPlus, evaluate_task, extraction_dtype, make_method
 from vocabsem_fast.app.representations import Representations
 from vocabsem_fast.app.semantic_clustering import SemanticClustering
-from vocabsem_fast.app.vds_plus import LayeredClustering, PlusConfig, VDSPlusClassifier, _stratified_split
+from vocabsem_fast.app.vds_plus import (
+    LayeredClustering,
+    PlusConfig,
+    VDSPlusClassifier,
+    _stratified_folds,
+    _stratified_split,
+)
 
 
 def _synthetic(n_per_class: int, *, prior_quality: float, d: int = 16, classes: int = 3, seed: int = 0):
@@ -39,6 +45,54 @@ def test_split_is_stratified_and_disjoint():
     assert sorted(fit.tolist() + held.tolist()) == list(range(13))
     assert labels[held].tolist().count(0) == 2 and labels[held].tolist().count(1) == 1
     assert 12 in fit.tolist()  # a class with one example stays in the fitting part
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_folds_partition_the_rows_and_deal_every_class_round_them(folds):
+    labels = torch.randint(0, 4, (int(torch.randint(folds, 60, ())),))
+    splits = _stratified_folds(labels, folds, seed=int(torch.randint(100, ())))
+    assert len(splits) == folds
+    held = [h.tolist() for _, h in splits]
+    assert sorted(sum(held, [])) == list(range(len(labels)))  # each row held out exactly once
+    sizes = [len(h) for h in held]
+    assert max(sizes) - min(sizes) <= 1
+    for (fit, h) in splits:
+        assert sorted(fit.tolist() + h.tolist()) == list(range(len(labels)))
+    for c in labels.unique():
+        per_fold = [int((labels[h] == c).sum()) for h in (torch.tensor(x, dtype=torch.long) for x in held)]
+        assert max(per_fold) - min(per_fold) <= 1
+
+
+def test_cross_validation_scores_every_row_once_and_needs_enough_rows():
+    reps, prior, labels, bases = _synthetic(7, prior_quality=0.6)  # 21 rows
+    clf = VDSPlusClassifier(bases, PlusConfig(epochs=4, folds=4)).fit(reps, prior, labels)
+    for accuracy in clf.choice.candidates.values():  # accuracies over all 21 held-out rows
+        assert (accuracy * 21) == pytest.approx(round(accuracy * 21))
+    zeroshot = (prior.argmax(-1) == labels).float().mean().item()
+    assert clf.choice.candidates["zeroshot"] == pytest.approx(zeroshot)
+    with pytest.raises(ValueError, match="folds=4"):
+        VDSPlusClassifier(bases, PlusConfig(folds=4)).fit(reps[:3], prior[:3], labels[:3])
+
+
+@pytest.mark.parametrize("ensemble", [True, False])
+def test_the_ensemble_holds_each_folds_module_at_the_chosen_epoch(ensemble):
+    reps, prior, labels, bases = _synthetic(9, prior_quality=0.0, seed=2)
+    config = PlusConfig(epochs=6, patience=6, folds=3, lr=3e-3, ensemble=ensemble, vocabulary=False)
+    clf = VDSPlusClassifier(bases, config).fit(reps, prior, labels)
+    choice = clf.choice
+    assert choice.epochs > 0
+    inputs = clf._inputs(reps)
+    if ensemble:
+        rows = [fit for fit, _ in clf._splits(labels)]
+    else:
+        rows = [torch.arange(len(labels))]
+    # retrained without validation for the chosen epochs: the same modules, to the bit
+    again, _ = clf._train(inputs, prior, labels, rows, choice.training, choice.prior_weight, choice.scale,
+                          choice.epochs, config.seed)
+    assert len(clf.module) == len(rows)
+    for kept, fresh in zip(clf.module, again):
+        for p, q in zip(kept.parameters(), fresh.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_a_perfect_prior_is_kept_and_training_is_skipped():
@@ -70,7 +124,7 @@ def test_both_readings_learn_the_classes(read):
     assert clf.choice.epochs > 0
     assert (clf.predict(test_reps, test_prior) == test_labels).float().mean().item() > 0.9
     expected = LayeredClustering if read == "layers" else SemanticClustering
-    assert type(clf.module) is expected
+    assert all(type(m) is expected for m in clf.module)
 
 
 def test_reading_layers_needs_the_inner_layer():
@@ -102,9 +156,10 @@ def test_a_candidate_stops_after_patience_epochs_without_a_gain():
     inputs = clf._inputs(reps)
     rows = torch.arange(len(labels))
     scores = iter([[0.5], [0.6], [0.6], [0.55], [0.7], [0.7], [0.65], [0.7], [0.9]])
-    _, history = clf._train(inputs, prior, labels, rows, "classes", 0.0, 10.0, 40, 0, evaluate=lambda m: next(scores))
+    _, history = clf._train(inputs, prior, labels, [rows], "classes", 0.0, 10.0, 40, 0,
+                            evaluate=lambda m: next(scores))
     assert history == [[0.5], [0.6], [0.6], [0.55], [0.7], [0.7], [0.65], [0.7]]  # three without a gain: stop
-    _, history = clf._train(inputs, prior, labels, rows, "classes", 0.0, 10.0, 4, 0, evaluate=lambda m: [0.5])
+    _, history = clf._train(inputs, prior, labels, [rows], "classes", 0.0, 10.0, 4, 0, evaluate=lambda m: [0.5])
     assert len(history) == 4  # epochs bound it too
 
 
@@ -114,8 +169,9 @@ def test_options_and_bad_options():
     assert method.config.scales == (5.0, 15.0) and method.config.priors == (1.0,)
     assert method.config.epochs == 7 and method.config.validation == 0.3
     assert make_method("vds+:read=last:patience=5").config.read == "last"
+    assert make_method("vds+:folds=1:precision=float32").config.folds == 1
     for bad in ("vds+:validation=1.5", "vds+:epochs=0", "vds+:attention=x", "vds+:depth=3", "vds+:read=inner",
-                "vds+:patience=0"):
+                "vds+:patience=0", "vds+:folds=0", "vds+:precision=fp8"):
         with pytest.raises(ValueError):
             make_method(bad)
 
@@ -129,7 +185,47 @@ def test_on_a_tiny_model_with_costs_reported():
     assert "zeroshot" in plus["validation_candidates"]
     d = task.model.config.hidden_size
     module_parameters = 3 * d * 2 * d + 2 * d + 2 * d * d + d + 2 * d  # MLP 3d -> 2d -> d, LayerNorm
-    assert plus["trainable_parameters"] == (0 if plus["choice"]["epochs"] == 0 else module_parameters)
+    folds = PlusConfig().folds  # the ensemble: one module per fold
+    assert plus["trainable_parameters"] == (0 if plus["choice"]["epochs"] == 0 else folds * module_parameters)
     assert results["zeroshot"]["trainable_parameters"] == 0
     for r in results.values():
         assert r["peak_memory_mib"] is None or r["peak_memory_mib"] >= 0
+
+
+def test_bfloat16_extraction_is_charged_to_the_method_that_asks_for_it():
+    task = tiny_task(n_train=24, n_test=9)
+    results = evaluate_task(task, ["vds+:epochs=2:precision=bfloat16", "zeroshot", "vds+:epochs=2:precision=float32"])
+    bf16, fp32 = results["vds+:epochs=2:precision=bfloat16"], results["vds+:epochs=2:precision=float32"]
+    assert bf16["extraction_dtype"] == "bfloat16" and fp32["extraction_dtype"] == "float32"
+    assert set(bf16["extraction_seconds"]) == {"train@bfloat16", "test@bfloat16"}
+    assert bf16["fit_seconds"] >= task.extraction_seconds["train@bfloat16"]
+    # zeroshot computed the float32 test representations; the float32 vds+ is charged them too
+    assert set(fp32["extraction_seconds"]) == {"train", "test"}
+    assert fp32["predict_seconds"] >= task.extraction_seconds["test"]
+    assert task.model.dtype == torch.float32  # the bfloat16 forward ran on a copy
+    # the two precisions read (nearly) the same states
+    low, full = task.representations("test", torch.bfloat16), task.representations("test")
+    assert low.last.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(low.last, full.last, dim=-1)
+    assert cos.min() > 0.99
+
+
+def test_auto_precision_keeps_a_model_that_is_not_float32():
+    task = tiny_task()
+    half = task.model.to(torch.float16)
+    assert extraction_dtype("auto", half) == torch.float16
+    assert extraction_dtype("float32", half) == torch.float32
+
+
+@pytest.mark.parametrize("training", ["classes", "vocabulary"])
+def test_modules_trained_together_learn_as_each_would_alone(training):
+    reps, prior, labels, bases = _synthetic(13, prior_quality=0.5, seed=3)  # 39 rows
+    vocabulary = torch.cat([bases, torch.randn(29, bases.shape[1])])
+    clf = VDSPlusClassifier(bases, PlusConfig(batch_size=8), bases=vocabulary, label_token_ids=torch.arange(3))
+    inputs = clf._inputs(reps)
+    rows = [torch.arange(0, 39, 2), torch.arange(1, 39, 3), torch.arange(25)]  # 20, 13, 25 rows: uneven steps
+    together, _ = clf._train(inputs, prior, labels, rows, training, 1.0, 10.0, 3, 0)
+    for idx, joint in zip(rows, together):
+        (alone,), _ = clf._train(inputs, prior, labels, [idx], training, 1.0, 10.0, 3, 0)
+        for p, q in zip(joint.parameters(), alone.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -31,6 +31,29 @@ from .tasks import Task, head_logits
 from .vds_plus import PlusConfig, VDSPlusClassifier
 
 DEFAULT_METHODS = ("vds", "knn", "icl", "rag", "lora", "ia3")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (a CPU with AVX512-BF16 or AMX,
+    a GPU from Ampere on); elsewhere bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def extraction_dtype(precision: str, model) -> torch.dtype:
+    """The dtype a frozen forward pass runs in for ``precision`` (see ``VDSPlus``)."""
+    native = next(model.parameters()).dtype
+    if precision == "auto":
+        fast = native_bfloat16(next(model.parameters()).device) and native == torch.float32
+        return torch.bfloat16 if fast else native
+    return getattr(torch, precision)
 
 
 class VDS:
@@ -65,40 +88,52 @@ class VDS:
 
 class VDSPlus:
     """``vds+`` (see ``vds_plus``): the zero-shot answer as a prior that a module reading the last
-    and an inner layer corrects, every choice made on a validation split of the training data."""
+    and an inner layer corrects, every choice made by cross-validation on the training data."""
 
     uses_representations = ("train", "test")
 
-    def __init__(self, **options):
+    def __init__(self, precision: str = "auto", **options):
+        """``precision``: the weights the frozen forward passes run in, ``float32``, ``bfloat16``
+        or ``auto`` (bfloat16 where the device computes it natively, else the model's own): the
+        representations are what the module reads, and bfloat16 halves their extraction cost."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         for name in ("scales", "priors"):  # a spec gives one value, or several joined by "/"
             if name in options:
                 value = options[name]
                 options[name] = tuple(float(v) for v in str(value).split("/"))
         self.config = PlusConfig(**options)
+        self.extraction_dtype: torch.dtype | None = None  # decided by fit, from the model's device
+
+    def _reps(self, task: Task, split: str):
+        return task.representations(split, self.extraction_dtype)
 
     def _prior(self, task: Task, split: str) -> Tensor:
-        logits = head_logits(task.model, task.representations(split).last, task.next_token_ids)
+        logits = head_logits(task.model, self._reps(task, split).last, task.next_token_ids)
         return torch.log_softmax(logits, dim=-1)
 
     def fit(self, task: Task) -> VDSPlus:
         from tqdm.auto import tqdm
 
         config = replace(self.config, seed=task.seed)
+        self.extraction_dtype = extraction_dtype(self.precision, task.model)
         basis = task.basis
         self.classifier = VDSPlusClassifier(basis.for_words(task.words), config, bases=basis.vectors,
                                             label_token_ids=basis.token_ids(task.words))
         with tqdm(total=self.classifier.candidates_trained, desc=f"{task.data.name} vds+ validation",
                   unit="candidate", leave=False, disable=not task.progress) as bar:
-            self.classifier.fit(task.representations("train"), self._prior(task, "train"), task.labels("train"),
+            self.classifier.fit(self._reps(task, "train"), self._prior(task, "train"), task.labels("train"),
                                 progress=bar)
         return self
 
     def predict(self, task: Task) -> Tensor:
-        return self.classifier.predict(task.representations("test"), self._prior(task, "test"))
+        return self.classifier.predict(self._reps(task, "test"), self._prior(task, "test"))
 
     def details(self) -> dict:
         choice = self.classifier.choice
-        return {"choice": {"training": choice.training, "prior_weight": choice.prior_weight, "scale": choice.scale,
+        return {"extraction_dtype": str(self.extraction_dtype).removeprefix("torch."),
+                "choice": {"training": choice.training, "prior_weight": choice.prior_weight, "scale": choice.scale,
                            "epochs": choice.epochs, "validation_accuracy": choice.validation_accuracy},
                 "validation_candidates": choice.candidates}
 
@@ -267,6 +302,12 @@ def plot_representations(task: Task, method: VDS, path: Path, title: str) -> Pat
     return path
 
 
+def representation_keys(task: Task, method) -> list[str]:
+    """The keys (``Task.representation_key``) of the shared representations ``method`` reads."""
+    dtype = getattr(method, "extraction_dtype", None)
+    return [task.representation_key(split, dtype) for split in method.uses_representations]
+
+
 def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None = None,
                   on_result=None) -> dict[str, dict]:
     """Fit and score each method on ``task``; ``{spec: result}``. A method is charged the time of
@@ -282,17 +323,18 @@ def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None
             start = time.perf_counter()
             predicted = method.predict(task)
             predict_seconds = time.perf_counter() - start
-        for split in method.uses_representations:
-            if split in ready:
-                shared = task.extraction_seconds[split]
-                if split == "train":
+        keys = representation_keys(task, method)
+        for key in keys:
+            if key in ready:
+                shared = task.extraction_seconds[key]
+                if key.partition("@")[0] == "train":
                     fit_seconds += shared
                 else:
                     predict_seconds += shared
         result = scores(task.labels("test"), predicted, task.num_classes)
         result.update(seconds=fit_seconds + predict_seconds, fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                       # of which the forward passes that extracted the shared representations
-                      extraction_seconds={s: task.extraction_seconds[s] for s in method.uses_representations},
+                      extraction_seconds={key: task.extraction_seconds[key] for key in keys},
                       trainable_parameters=trainable_parameters(method), peak_memory_mib=peak.above_start_mib,
                       train_size=len(task.train), test_size=len(task.test), test_is_train_holdout=task.holdout)
         if hasattr(method, "details"):

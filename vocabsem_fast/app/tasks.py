@@ -4,6 +4,7 @@ every method that needs them (each method is still charged the time they took)."
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -52,8 +53,9 @@ class Task:
     batch_size: int = 16
     use_cache: bool = True
     progress: bool = True
-    extraction_seconds: dict[str, float] = field(default_factory=dict)
+    extraction_seconds: dict[str, float] = field(default_factory=dict)  # by representation_key
     _reps: dict[str, Representations] = field(default_factory=dict, repr=False)
+    _copies: dict[torch.dtype, object] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.holdout = not self.data.test_labelled
@@ -87,14 +89,38 @@ class Task:
     def basis(self) -> SemanticBasis:
         return SemanticBasis.from_model(self.model, tokenizer=self.tokenizer)
 
-    def encode(self, prompts: list[str], *, desc: str = "representations") -> Representations:
-        return extract(self.model, self.tokenizer, prompts, batch_size=self.batch_size, use_cache=self.use_cache,
-                       progress=self.progress, desc=desc)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights as loaded."""
+        return next(self.model.parameters()).dtype
 
-    def representations(self, split: str) -> Representations:
-        """The zero-shot prompts' representations of ``split``, computed once per task."""
-        if split not in self._reps:
+    def model_in(self, dtype: torch.dtype | None = None):
+        """The model with its weights in ``dtype`` (None: as loaded): a copy, made once per task,
+        for a method that extracts its representations at another precision."""
+        if dtype is None or dtype == self.dtype:
+            return self.model
+        if dtype not in self._copies:
+            self._copies[dtype] = copy.deepcopy(self.model).to(dtype)
+        return self._copies[dtype]
+
+    def representation_key(self, split: str, dtype: torch.dtype | None = None) -> str:
+        """``split``, or ``split@dtype`` for representations extracted at another precision than
+        the model's: the key of ``extraction_seconds``."""
+        if dtype is None or dtype == self.dtype:
+            return split
+        return f"{split}@{str(dtype).removeprefix('torch.')}"
+
+    def encode(self, prompts: list[str], *, desc: str = "representations",
+               dtype: torch.dtype | None = None) -> Representations:
+        return extract(self.model_in(dtype), self.tokenizer, prompts, batch_size=self.batch_size,
+                       use_cache=self.use_cache, progress=self.progress, desc=desc)
+
+    def representations(self, split: str, dtype: torch.dtype | None = None) -> Representations:
+        """The zero-shot prompts' representations of ``split`` (from the model's weights in
+        ``dtype``, None: as loaded), computed once per task and returned in float32."""
+        key = self.representation_key(split, dtype)
+        if key not in self._reps:
             start = time.perf_counter()
-            self._reps[split] = self.encode(self.prompts(split), desc=f"{self.data.name} {split}")
-            self.extraction_seconds[split] = time.perf_counter() - start
-        return self._reps[split]
+            self._reps[key] = self.encode(self.prompts(split), desc=f"{self.data.name} {key}", dtype=dtype)
+            self.extraction_seconds[key] = time.perf_counter() - start
+        return self._reps[key]

@@ -18,16 +18,18 @@ layer. The module is trained either with cross-entropy over the classes (the pri
 logits) or, as the paper trains it, with the fused similarity cross-entropy over the whole
 vocabulary (the prior then added when predicting).
 
-What the evidence decides, on a validation split carved from the training data (never the test
-split): which training, whether the prior enters (``a`` in {0, 1}), the scale, and the number of
-epochs, checked after every epoch (a candidate stops after ``patience`` epochs without a gain);
-and whether training helps at all (the zero-shot answer alone is a candidate, so ``vds+`` does
-not lose to the model it adapts unless validation misleads it). The winner is refitted on the
-whole training split for the chosen number of epochs.
+What the evidence decides, by cross-validation on the training data (``folds``, never the test
+split; ``folds=1``: one held-out split): which training, whether the prior enters (``a`` in
+{0, 1}), the scale, and the number of epochs, checked after every epoch (a candidate stops after
+``patience`` epochs without a gain); and whether training helps at all (the zero-shot answer
+alone is a candidate, so ``vds+`` does not lose to the model it adapts unless validation misleads
+it). The winner predicts as the average of its folds' modules at the chosen epoch (``ensemble``),
+or refitted on the whole training split for that many epochs.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 
@@ -51,7 +53,9 @@ class PlusConfig:
     weight_decay: float = 0.01
     scales: tuple[float, ...] = (10.0,)
     priors: tuple[float, ...] = (0.0, 1.0)
-    validation: float = 0.25  # fraction of the training split held out for the choices
+    folds: int = 4  # cross-validation folds for the choices; 1: one held-out split of `validation`
+    validation: float = 0.25  # fraction held out when folds == 1
+    ensemble: bool = True  # predict with the folds' modules at the chosen epoch, not one refitted on every row
     vocabulary: bool = True  # also try the paper's training over every basis (needs the bases)
     read: str = "layers"  # "layers": last and inner layer (LayeredClustering); "last": the paper's module
     attention: str = "pooled"  # the paper's module's channel attention (read="last" only)
@@ -61,7 +65,7 @@ class PlusConfig:
         for name, allowed in (("attention", ATTENTION), ("read", READ)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "patience", "batch_size"):
+        for name in ("epochs", "patience", "batch_size", "folds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -118,6 +122,23 @@ def layered_features(reps: Representations) -> Tensor:
     return torch.cat([reps.last, reps.inner_last, reps.inner_mean], dim=-1).float()
 
 
+def _stratified_folds(labels: Tensor, folds: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """``folds`` (fit, held-out) index pairs whose held-out parts partition the rows, each class
+    dealt round the folds in turn (continuing where the previous class stopped, so the folds
+    differ in size by at most one row)."""
+    rng = random.Random(seed)
+    held: list[list[int]] = [[] for _ in range(folds)]
+    turn = 0
+    for c in sorted(set(labels.tolist())):
+        members = [i for i, y in enumerate(labels.tolist()) if y == c]
+        rng.shuffle(members)
+        for i in members:
+            held[turn % folds].append(i)
+            turn += 1
+    every = set(range(len(labels)))
+    return [(torch.tensor(sorted(every - set(h))), torch.tensor(sorted(h))) for h in held]
+
+
 def _stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """(fit, held-out) indices, every class represented in both where it has two examples."""
     rng = random.Random(seed)
@@ -142,7 +163,7 @@ class VDSPlusClassifier:
         self.bases = None if bases is None else bases.float()
         self.label_token_ids = None if label_token_ids is None else label_token_ids.long()
         self.choice: Choice | None = None
-        self.module: nn.Module | None = None
+        self.module: nn.ModuleList | None = None  # the modules whose probabilities predict() averages
 
     def _inputs(self, reps: Representations) -> tuple[Tensor, ...]:
         """What the module reads of every row: one feature matrix, or the paper's three views."""
@@ -162,79 +183,129 @@ class VDSPlusClassifier:
         out = module(*(x[idx] for x in inputs))
         return a * prior[idx] + similarity_logits(out, self.label_bases, scale=scale)
 
-    def _loss(self, module, inputs, batch, prior: Tensor, labels: Tensor, training: str, a: float,
+    def _loss(self, modules, inputs, batches: list[Tensor], prior: Tensor, labels: Tensor, training: str, a: float,
               scale: float) -> Tensor:
+        """The sum over modules of each one's mean loss on its own batch: every module gets the
+        gradient it would get alone. The vocabulary training scores all the batches in one call,
+        so the V x d bases are streamed once per step, not once per module."""
         if training == "vocabulary":
-            out = module(*(x[batch] for x in inputs))
-            return similarity_cross_entropy(out, self.bases, self.label_token_ids[labels[batch]], scale=scale)
-        return F.cross_entropy(self._logits(module, inputs, batch, prior, a, scale), labels[batch])
+            out = torch.cat([m(*(x[b] for x in inputs)) for m, b in zip(modules, batches)])
+            targets = self.label_token_ids[labels[torch.cat(batches)]]
+            per_row = similarity_cross_entropy(out, self.bases, targets, scale=scale, reduction="none")
+            weights = torch.cat([torch.full((len(b),), 1.0 / len(b)) for b in batches])
+            return (per_row * weights).sum()
+        return sum(F.cross_entropy(self._logits(m, inputs, b, prior, a, scale), labels[b])
+                   for m, b in zip(modules, batches))
 
-    def _train(self, inputs, prior: Tensor, labels: Tensor, idx: Tensor, training: str, a: float, scale: float,
-               epochs: int, seed: int, evaluate=None):
-        """A module trained on rows ``idx`` for ``epochs`` epochs, or, given ``evaluate(module)``
-        (a list of scores after each epoch), until no score has improved for ``patience`` epochs."""
+    def _train(self, inputs, prior: Tensor, labels: Tensor, rows: list[Tensor], training: str, a: float,
+               scale: float, epochs: int, seed: int, evaluate=None) -> tuple[list[nn.Module], list]:
+        """One module per entry of ``rows`` (the rows it trains on), trained in lockstep for
+        ``epochs`` epochs, or, given ``evaluate(modules)`` (a list of scores after each epoch),
+        until no score has improved for ``patience`` epochs."""
         cfg = self.config
-        module = self._new_module(inputs, idx, seed)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        generator = torch.Generator().manual_seed(seed)
+        modules = [self._new_module(inputs, idx, seed) for idx in rows]
+        # fused: one kernel per step instead of a dozen per parameter (the optimiser step costs
+        # as much as the forward and backward of this small module)
+        optimizers = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+                      for m in modules]
+        generators = [torch.Generator().manual_seed(seed) for _ in rows]
         history, best, since = [], None, 0
         for _ in range(epochs):
-            module.train()
-            order = idx[torch.randperm(len(idx), generator=generator)]
-            for start in range(0, len(order), cfg.batch_size):
-                batch = order[start:start + cfg.batch_size]
-                loss = self._loss(module, inputs, batch, prior, labels, training, a, scale)
-                optimizer.zero_grad()
+            orders = [idx[torch.randperm(len(idx), generator=g)] for idx, g in zip(rows, generators)]
+            for module in modules:
+                module.train()
+            for start in range(0, max(len(order) for order in orders), cfg.batch_size):
+                # the modules whose rows are not used up yet step together
+                stepping = [k for k, order in enumerate(orders) if start < len(order)]
+                batches = [orders[k][start:start + cfg.batch_size] for k in stepping]
+                loss = self._loss([modules[k] for k in stepping], inputs, batches, prior, labels, training, a, scale)
+                for k in stepping:
+                    optimizers[k].zero_grad()
                 loss.backward()
-                optimizer.step()
+                for k in stepping:
+                    optimizers[k].step()
             if evaluate is not None:
-                module.eval()
+                for module in modules:
+                    module.eval()
                 with torch.no_grad():
-                    scores = evaluate(module)
+                    scores = evaluate(modules)
                 history.append(scores)
                 gained = best is None or any(x > b for x, b in zip(scores, best))
                 best = scores if best is None else [max(x, b) for x, b in zip(scores, best)]
                 since = 0 if gained else since + 1
                 if since >= cfg.patience:
                     break
-        module.eval()
-        return module, history
+        for module in modules:
+            module.eval()
+        return modules, history
+
+    def _splits(self, labels: Tensor) -> list[tuple[Tensor, Tensor]]:
+        cfg = self.config
+        if cfg.folds == 1:
+            return [_stratified_split(labels, cfg.validation, cfg.seed)]
+        if len(labels) < cfg.folds:
+            raise ValueError(f"folds={cfg.folds} needs at least as many training examples, got {len(labels)}")
+        return _stratified_folds(labels, cfg.folds, cfg.seed)
 
     def fit(self, reps: Representations, prior: Tensor, labels: Tensor, *, progress=None) -> VDSPlusClassifier:
-        """``prior``: (N, classes) zero-shot log-probabilities of the training examples."""
+        """``prior``: (N, classes) zero-shot log-probabilities of the training examples. Every
+        choice is scored by the accuracy on the held-out rows of all splits together (with
+        ``folds`` > 1 each row is held out once: a cross-validated accuracy)."""
         cfg = self.config
         labels = labels.long()
         inputs = self._inputs(reps)
-        fit_idx, held_idx = _stratified_split(labels, cfg.validation, cfg.seed)
+        splits = self._splits(labels)
         prior = prior.float()
+        held_rows = sum(len(held) for _, held in splits)
 
-        def accuracy(logits: Tensor) -> float:
-            return float((logits.argmax(-1) == labels[held_idx]).float().mean()) if len(held_idx) else 0.0
+        def accuracy(modules, weight: float, scale: float) -> float:
+            right = 0
+            for module, (_, held) in zip(modules, splits):
+                logits = prior[held] if module is None else self._logits(module, inputs, held, prior, weight, scale)
+                right += int((logits.argmax(-1) == labels[held]).sum())
+            return right / held_rows if held_rows else 0.0
 
         # the zero-shot answer alone; every other candidate must beat it on validation
-        best = Choice("none", 1.0, 1.0, 0, accuracy(prior[held_idx]))
+        best = Choice("none", 1.0, 1.0, 0, accuracy([None] * len(splits), 1.0, 1.0))
         candidates = {"zeroshot": best.validation_accuracy}
+        chosen_modules = None
         for training, a, scale in self._candidates():
             # one vocabulary-trained module serves both prior weights (the prior enters at prediction)
             weights = cfg.priors if training == "vocabulary" else (a,)
-            _, history = self._train(
-                inputs, prior, labels, fit_idx, training, a, scale, cfg.epochs, cfg.seed,
-                evaluate=lambda m, weights=weights, scale=scale: [
-                    accuracy(self._logits(m, inputs, held_idx, prior, w, scale)) for w in weights])
+            top = [-1.0] * len(weights)
+            snapshots: list = [None] * len(weights)  # the fold modules at each weight's earliest best epoch
+
+            def evaluate(modules, weights=weights, scale=scale, top=top, snapshots=snapshots):
+                scores = [accuracy(modules, w, scale) for w in weights]
+                for k, score in enumerate(scores):
+                    if score > top[k]:
+                        top[k] = score
+                        if cfg.ensemble:
+                            snapshots[k] = [copy.deepcopy(m) for m in modules]
+                return scores
+
+            _, history = self._train(inputs, prior, labels, [fit for fit, _ in splits], training, a, scale,
+                                     cfg.epochs, cfg.seed, evaluate=evaluate)
             for k, w in enumerate(weights):
                 scores = [h[k] for h in history]
                 epoch = max(range(len(scores)), key=lambda e: (scores[e], -e))  # the earliest best
                 candidates[f"{training} prior={w:g} scale={scale:g}"] = scores[epoch]
                 if scores[epoch] > best.validation_accuracy:
                     best = Choice(training, w, scale, epoch + 1, scores[epoch])
+                    chosen_modules = snapshots[k]
             if progress is not None:
                 progress.update()
         best.candidates = candidates
         self.choice = best
-        if best.epochs:
+        if not best.epochs:
+            self.module = None
+        elif cfg.ensemble:
+            self.module = nn.ModuleList(chosen_modules)
+        else:
             every = torch.arange(len(labels))
-            self.module, _ = self._train(inputs, prior, labels, every, best.training, best.prior_weight, best.scale,
-                                         best.epochs, cfg.seed)
+            refitted, _ = self._train(inputs, prior, labels, [every], best.training, best.prior_weight, best.scale,
+                                      best.epochs, cfg.seed)
+            self.module = nn.ModuleList(refitted)
         return self
 
     def _candidates(self) -> list[tuple[str, float, float]]:
@@ -251,9 +322,10 @@ class VDSPlusClassifier:
         prior = prior.float()
         if not self.choice.epochs:
             return prior.argmax(-1)
-        every = torch.arange(prior.shape[0])
-        return self._logits(self.module, self._inputs(reps), every, prior, self.choice.prior_weight,
-                            self.choice.scale).argmax(-1)
+        every, inputs = torch.arange(prior.shape[0]), self._inputs(reps)
+        probabilities = sum(self._logits(m, inputs, every, prior, self.choice.prior_weight, self.choice.scale)
+                            .softmax(-1) for m in self.module)
+        return probabilities.argmax(-1)
 
     @property
     def candidates_trained(self) -> int:
