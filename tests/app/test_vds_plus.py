@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_baselines import tiny_task
+from torch import nn
 
 from vocabsem_fast.app.evaluation import VDSPlus, evaluate_task, extraction_dtype, make_method
 from vocabsem_fast.app.representations import Representations
@@ -229,3 +230,30 @@ def test_modules_trained_together_learn_as_each_would_alone(training):
         (alone,), _ = clf._train(inputs, prior, labels, [idx], training, 1.0, 10.0, 3, 0)
         for p, q in zip(joint.parameters(), alone.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["bfloat16", "float32"])
+def test_the_vocabulary_loss_is_the_similarity_cross_entropy(fast, monkeypatch):
+    from vocabsem_fast import reference
+    from vocabsem_fast.app import vds_plus
+
+    monkeypatch.setattr(vds_plus, "native_bfloat16", lambda device: fast)
+    g = torch.Generator().manual_seed(int(torch.randint(1000, ())))
+    d, v = 24, 301
+    vocabulary = torch.randn(v, d, generator=g) * torch.rand(v, 1, generator=g) * 3  # bases of any length
+    clf = VDSPlusClassifier(vocabulary[:4], bases=vocabulary, label_token_ids=torch.tensor([7, 0, 290, 55]))
+    assert clf._unit_bases.dtype == (torch.bfloat16 if fast else torch.float32)
+    rows = torch.randn(13, d, generator=g)
+    labels = torch.randint(0, 4, (13,), generator=g)
+    identity = nn.Identity()
+    batches = [torch.arange(0, 5), torch.arange(5, 13)]
+    x = rows.clone().requires_grad_(True)
+    loss = clf._loss([identity, identity], (x,), batches, None, labels, "vocabulary", 0.0, 7.0)
+    loss.backward()
+    y = rows.clone().requires_grad_(True)
+    targets = clf.label_token_ids[labels]
+    expected = sum(reference.similarity_cross_entropy(y[b], vocabulary, targets[b], scale=7.0) for b in batches)
+    expected.backward()
+    tolerance = dict(rtol=2e-2, atol=2e-2) if fast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected, **tolerance)
+    torch.testing.assert_close(x.grad, y.grad, **tolerance)

@@ -26,25 +26,13 @@ from ..ops import similarity_logits
 from .baselines import AdapterTuning, InContextLearning, KNNPrompting, RetrievalICL, majority_vote
 from .data_parallel import fit_data_parallel
 from .memory import PeakMemory
+from .models import native_bfloat16
 from .semantic_clustering import FitConfig, VDSClassifier
 from .tasks import Task, head_logits
 from .vds_plus import PlusConfig, VDSPlusClassifier
 
 DEFAULT_METHODS = ("vds", "knn", "icl", "rag", "lora", "ia3")
 PRECISIONS = ("auto", "float32", "bfloat16")
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices natively (a CPU with AVX512-BF16 or AMX,
-    a GPU from Ampere on); elsewhere bfloat16 is emulated and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def extraction_dtype(precision: str, model) -> torch.dtype:

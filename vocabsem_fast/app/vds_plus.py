@@ -15,7 +15,7 @@ mean of an inner layer (three quarters of the depth, where linear probes of the 
 peak), each standardised with the training rows' statistics, through an MLP and a LayerNorm
 (``LayeredClustering``); ``read="last"`` uses the paper's semantic clustering module on the last
 layer. The module is trained either with cross-entropy over the classes (the prior inside the
-logits) or, as the paper trains it, with the fused similarity cross-entropy over the whole
+logits) or, as the paper trains it, with the similarity cross-entropy over the whole
 vocabulary (the prior then added when predicting).
 
 What the evidence decides, by cross-validation on the training data (``folds``, never the test
@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import similarity_cross_entropy, similarity_logits
+from ..ops import similarity_logits
+from .models import native_bfloat16
 from .representations import Representations
 from .semantic_clustering import ATTENTION, SemanticClustering
 
@@ -161,6 +162,14 @@ class VDSPlusClassifier:
         self.label_bases = label_bases.float()
         # the vocabulary training: every basis, and each class's token among them
         self.bases = None if bases is None else bases.float()
+        # the vocabulary training's bases, unit length, in bfloat16 where the device multiplies it
+        # natively: a step scores a few hundred rows, whose (rows, V) logits are small enough to
+        # hold, and one low-precision GEMM then beats streaming the float32 bases through the
+        # fused kernel (which exists for the (tokens, V) problems that do not fit in memory)
+        self._unit_bases = None
+        if self.bases is not None:
+            fast = torch.bfloat16 if native_bfloat16(self.bases.device) else torch.float32
+            self._unit_bases = F.normalize(self.bases, dim=-1).to(fast)
         self.label_token_ids = None if label_token_ids is None else label_token_ids.long()
         self.choice: Choice | None = None
         self.module: nn.ModuleList | None = None  # the modules whose probabilities predict() averages
@@ -186,12 +195,14 @@ class VDSPlusClassifier:
     def _loss(self, modules, inputs, batches: list[Tensor], prior: Tensor, labels: Tensor, training: str, a: float,
               scale: float) -> Tensor:
         """The sum over modules of each one's mean loss on its own batch: every module gets the
-        gradient it would get alone. The vocabulary training scores all the batches in one call,
+        gradient it would get alone. The vocabulary training scores all the batches in one GEMM,
         so the V x d bases are streamed once per step, not once per module."""
         if training == "vocabulary":
             out = torch.cat([m(*(x[b] for x in inputs)) for m, b in zip(modules, batches)])
             targets = self.label_token_ids[labels[torch.cat(batches)]]
-            per_row = similarity_cross_entropy(out, self.bases, targets, scale=scale, reduction="none")
+            unit = F.normalize(out, dim=-1).to(self._unit_bases.dtype)
+            logits = scale * (unit @ self._unit_bases.T).float()
+            per_row = F.cross_entropy(logits, targets, reduction="none")
             weights = torch.cat([torch.full((len(b),), 1.0 / len(b)) for b in batches])
             return (per_row * weights).sum()
         return sum(F.cross_entropy(self._logits(m, inputs, b, prior, a, scale), labels[b])
