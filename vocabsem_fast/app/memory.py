@@ -30,17 +30,24 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _reset_high_water_mark() -> bool:
+    """VmHWM := the current resident size; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 class PeakMemory:
     """``with PeakMemory() as peak: ...``; then ``peak.mib`` (resident high-water mark) and
     ``peak.above_start_mib`` (what the stretch added), or None where /proc cannot tell."""
 
     def __enter__(self) -> PeakMemory:
         release_freed_memory()
-        self.start_kib = _status_kib("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident size
-        except OSError:
-            self.start_kib = None
+        # the start is read after the reset, from the mark itself: pages freed between a reading
+        # of VmRSS and the reset would otherwise put the peak below the start
+        self.start_kib = _status_kib("VmHWM") if _reset_high_water_mark() else None
         self.mib = self.above_start_mib = None
         return self
 
