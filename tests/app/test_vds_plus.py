@@ -172,9 +172,18 @@ def test_options_and_bad_options():
     assert make_method("vds+:read=last:patience=5").config.read == "last"
     assert make_method("vds+:folds=1:precision=float32").config.folds == 1
     for bad in ("vds+:validation=1.5", "vds+:epochs=0", "vds+:attention=x", "vds+:depth=3", "vds+:read=inner",
-                "vds+:patience=0", "vds+:folds=0", "vds+:precision=fp8"):
+                "vds+:patience=0", "vds+:folds=0", "vds+:precision=fp8", "vds+:vocabulary=no",
+                "vds+:ensemble=2"):
         with pytest.raises(ValueError):
             make_method(bad)
+
+
+@pytest.mark.parametrize("text, value", [("false", False), ("False", False), ("0", False), ("true", True),
+                                         ("1", True)])
+def test_switches_read_as_booleans(text, value):
+    # "false" once stayed a (truthy) string and switched the option on
+    config = make_method(f"vds+:vocabulary={text}:ensemble={text}").config
+    assert config.vocabulary is value and config.ensemble is value
 
 
 def test_on_a_tiny_model_with_costs_reported():

@@ -160,6 +160,9 @@ FACTORIES = {
 
 
 def _value(text: str):
+    # "true" / "false" as booleans: any other text would be a string, and a non-empty one truthy
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)

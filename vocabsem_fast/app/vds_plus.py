@@ -70,6 +70,11 @@ class PlusConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("ensemble", "vocabulary"):
+            value = getattr(self, name)
+            if value not in (0, 1) or isinstance(value, float):  # True / False, or 1 / 0 from a spec
+                raise ValueError(f"{name} must be true or false (1 or 0), got {value!r}")
+            setattr(self, name, bool(value))
         if not 0 < self.validation < 1:
             raise ValueError(f"validation must lie in (0, 1), got {self.validation!r}")
         if not self.lr > 0:
