@@ -80,12 +80,19 @@ def _training_extraction(result: dict) -> float | None:
     return times[0] if times else None
 
 
+def _variants(runs: dict[int, dict[str, dict]], sets: list[str]) -> list[str]:
+    """The vds+ variants (``vds+:option=value``) that every seed ran on every set."""
+    found = {m for by_set in runs.values() for methods in by_set.values() for m in methods if m.startswith("vds+:")}
+    return sorted(m for m in found if all(m in runs[k].get(s, {}) for k in runs for s in sets))
+
+
 def main() -> None:
     runs = _seeded_runs()
     baseline = json.loads((EVAL / "all-methods.json").read_text())
     slow = _slow_runs(baseline)
     sets = list(baseline)
     seeds = sorted(runs)
+    seeded = SEEDED[:1] + _variants(runs, sets) + SEEDED[1:]
     out = ["# vds+ against the paper's vds and every baseline", "",
            "Machine: 2-core AMD EPYC, no GPU; torch 2.13.0+cpu, transformers 5.24 (5.25 for the vds+ reruns), "
            "peft 0.21.2. Default model (SmolLM2-135M-Instruct), 256 training / 250 test examples per set as in "
@@ -93,7 +100,7 @@ def main() -> None:
            "    bash bench/app/run_vds_plus.sh 0 1 2", "    METHODS=vds+ bash bench/app/run_vds_plus.sh 0 1 2",
            '    bash bench/app/run_baselines.sh "1 2" "ia3 icl rag lora"',
            "    python bench/app/summarize_vds_plus.py > bench/results/eval/vds-plus.md", "",
-           f"Seeds: {seeds} for {', '.join(SEEDED)}; for {', '.join(SLOW)} seed 0 from all-methods.json (an "
+           f"Seeds: {seeds} for {', '.join(seeded)}; for {', '.join(SLOW)} seed 0 from all-methods.json (an "
            "earlier run on a 2-core Xeon) and " + "; ".join(
                f"{m} " + (", ".join(f"seed {k} ({len(v)} set{'s' if len(v) > 1 else ''})"
                                      for k, v in sorted(slow[m].items()) if k)
@@ -102,10 +109,10 @@ def main() -> None:
     out.append("| method | " + " | ".join(sets) + " | mean |")
     out.append("|---" * (len(sets) + 2) + "|")
     means: dict[str, dict[str, float]] = {}
-    for method in SEEDED + SLOW:
+    for method in seeded + SLOW:
         cells, per_set = [], {}
         for s in sets:
-            if method in SEEDED:
+            if method in seeded:
                 values = [runs[k][s][method]["accuracy"] for k in seeds if s in runs[k] and method in runs[k][s]]
             else:
                 values = [r["accuracy"] for r in _on_set(slow[method], s)]
@@ -126,7 +133,6 @@ def main() -> None:
         verdict = "met" if gap >= 0 else f"missed by {-gap:.3f}"
         out.append(f"- {s}: vds+ {means['vds+'][s]:.3f} against the best of zero-shot / ICL / RAG / kNN "
                    f"({best} {rivals[best]:.3f}): {verdict}")
-    plus_mean = statistics.mean(means["vds+"].values())
     ia3_mean = statistics.mean(means["ia3"].values())
     # one row per method: accuracy and macro-F1 as in the table above (means over the seeds),
     # costs from COST_SEED where it ran the method on the set, else from all-methods.json
@@ -140,26 +146,28 @@ def main() -> None:
         for s in sets:
             merged[s][m] = {**(cost_run[s] if complete else baseline[s][m]), "accuracy": means[m][s],
                             "macro_f1": statistics.mean(r["macro_f1"] for r in _on_set(slow[m], s))}
-    for m in SEEDED:
+    for m in seeded:
         sources[m] = f"seed {cost_seed}"
         for s in sets:
             merged[s][m] = {**runs[cost_seed][s][m], "accuracy": means[m][s],
                             "macro_f1": statistics.mean(runs[k][s][m]["macro_f1"] for k in seeds)}
-    plus_fit = statistics.mean(merged[s]["vds+"]["fit_seconds"] for s in sets)
     ia3_fit = statistics.mean(merged[s]["ia3"]["fit_seconds"] for s in sets)
-    out.append(f"- mean accuracy: vds+ {plus_mean:.3f}, IA3 {ia3_mean:.3f} (within 0.02: "
-               f"{'met' if plus_mean >= ia3_mean - 0.02 else f'missed by {ia3_mean - 0.02 - plus_mean:.3f}'})")
-    out.append(f"- mean fit seconds ({sources['vds+']} for vds+, {sources['ia3']} for IA3; both extracting their own "
-               f"representations): vds+ {plus_fit:.1f}, IA3 {ia3_fit:.1f} "
-               f"(at most a fifth: {'met' if plus_fit <= ia3_fit / 5 else 'missed'}, "
-               f"{plus_fit / ia3_fit:.2f} of it)")
-    extraction = [_training_extraction(merged[s]["vds+"]) for s in sets]
-    if None not in extraction:
-        floor = statistics.mean(extraction)
-        out.append(f"  - of vds+'s fit, the forward passes that extract the training representations: {floor:.1f} s "
-                   f"({floor / ia3_fit:.2f} of IA3's fit), the validated training: {plus_fit - floor:.1f} s")
-        dtypes = {merged[s]["vds+"].get("extraction_dtype", "float32") for s in sets}
-        out.append(f"  - vds+'s forward passes ran in {', '.join(sorted(dtypes))}")
+    for plus in seeded[:seeded.index("vds")]:  # vds+ and its variants
+        plus_mean = statistics.mean(means[plus].values())
+        plus_fit = statistics.mean(merged[s][plus]["fit_seconds"] for s in sets)
+        out.append(f"- {plus}: mean accuracy {plus_mean:.3f}, IA3 {ia3_mean:.3f} (within 0.02: "
+                   f"{'met' if plus_mean >= ia3_mean - 0.02 else f'missed by {ia3_mean - 0.02 - plus_mean:.3f}'})")
+        out.append(f"  - mean fit seconds ({sources[plus]} for {plus}, {sources['ia3']} for IA3; both extracting their "
+                   f"own representations): {plus} {plus_fit:.1f}, IA3 {ia3_fit:.1f} "
+                   f"(at most a fifth: {'met' if plus_fit <= ia3_fit / 5 else 'missed'}, "
+                   f"{plus_fit / ia3_fit:.2f} of it)")
+        extraction = [_training_extraction(merged[s][plus]) for s in sets]
+        if None not in extraction:
+            floor = statistics.mean(extraction)
+            dtypes = {merged[s][plus].get("extraction_dtype", "float32") for s in sets}
+            out.append(f"  - of it, the forward passes ({', '.join(sorted(dtypes))}) that extract the training "
+                       f"representations: {floor:.1f} s ({floor / ia3_fit:.2f} of IA3's fit), the validated "
+                       f"training: {plus_fit - floor:.1f} s")
     out += ["", "What vds+ chose on validation (per seed):", ""]
     for s in sets:
         for k in seeds:
