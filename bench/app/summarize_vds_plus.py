@@ -98,6 +98,7 @@ def main() -> None:
            "peft 0.21.2. Default model (SmolLM2-135M-Instruct), 256 training / 250 test examples per set as in "
            "all-methods.json. Commands:", "",
            "    bash bench/app/run_vds_plus.sh 0 1 2", "    METHODS=vds+ bash bench/app/run_vds_plus.sh 0 1 2",
+           "    METHODS=vds+:vocabulary=false bash bench/app/run_vds_plus.sh 0 1 2",
            '    bash bench/app/run_baselines.sh "1 2" "ia3 icl rag lora"',
            "    python bench/app/summarize_vds_plus.py > bench/results/eval/vds-plus.md", "",
            f"Seeds: {seeds} for {', '.join(seeded)}; for {', '.join(SLOW)} seed 0 from all-methods.json (an "
