@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from probe_layers import cpu_name
 
 from vocabsem_fast.app.data import load_folder
 from vocabsem_fast.app.models import load_model, native_bfloat16
@@ -59,7 +59,7 @@ def main() -> None:
             times[v].append(time.perf_counter() - start)
 
     print(f"# Extraction precision on {len(prompts)} training prompts of {Path(args.data).name}\n")
-    print(f"Machine: {platform.processor() or platform.machine()}, {args.threads} thread(s), native bf16: "
+    print(f"Machine: {cpu_name()}, {args.threads} thread(s), native bf16: "
           f"{native_bfloat16(torch.device('cpu'))}; torch {torch.__version__}. Default model. Command:\n")
     print(f"    python bench/app/extraction_precision.py --data {args.data} --prompts {args.prompts} "
           f"--threads {args.threads}\n")

@@ -42,7 +42,8 @@ def layer_states(model, tokenizer, prompts: list[str], batch_size: int = 16) -> 
     return np.stack(rows)
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
+    """'2-core AMD EPYC': the cores and the model name, for the results' headers."""
     try:
         with open("/proc/cpuinfo") as f:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -76,7 +77,7 @@ def main() -> None:
     mean = np.mean(list(table.values()), 0)
     print("# Linear probes of every layer (training splits, 4-fold cross-validation)\n")
     print(f"Default model ({layers - 1} layers; 0 = embeddings, {layers - 1} = last, after the final norm), "
-          f"{args.train_limit} training examples per set, seed {args.seed}; {_cpu()}, "
+          f"{args.train_limit} training examples per set, seed {args.seed}; {cpu_name()}, "
           f"torch {torch.__version__}, {time.perf_counter() - start:.0f} s. Command:\n")
     print("    python bench/app/probe_layers.py " + " ".join(f"--data {p}" for p in args.data)
           + " > bench/results/eval/layer-probes.md\n")

@@ -101,14 +101,16 @@ class VDSPlus:
         logits = head_logits(task.model, self._reps(task, split).last, task.next_token_ids)
         return torch.log_softmax(logits, dim=-1)
 
+    def _new_classifier(self, task: Task) -> VDSPlusClassifier:
+        basis = task.basis
+        return VDSPlusClassifier(basis.for_words(task.words), replace(self.config, seed=task.seed),
+                                 bases=basis.vectors, label_token_ids=basis.token_ids(task.words))
+
     def fit(self, task: Task) -> VDSPlus:
         from tqdm.auto import tqdm
 
-        config = replace(self.config, seed=task.seed)
         self.extraction_dtype = extraction_dtype(self.precision, task.model)
-        basis = task.basis
-        self.classifier = VDSPlusClassifier(basis.for_words(task.words), config, bases=basis.vectors,
-                                            label_token_ids=basis.token_ids(task.words))
+        self.classifier = self._new_classifier(task)
         with tqdm(total=self.classifier.candidates_trained, desc=f"{task.data.name} vds+ validation",
                   unit="candidate", leave=False, disable=not task.progress) as bar:
             self.classifier.fit(self._reps(task, "train"), self._prior(task, "train"), task.labels("train"),
