@@ -213,6 +213,24 @@ def save_directory(path: str | os.PathLike, key: str, build: Callable[[Path], No
     """Publish the directory entry ``path`` for ``key``: ``build(folder)`` fills an empty
     temporary sibling, the marker recording every file's size is written last and the folder is
     renamed into place, replacing whatever was there. Returns ``path``."""
+
+    def build_and_mark(tmp: Path) -> None:
+        build(tmp)
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                 if p.is_file() and p.name != MARKER}
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "key": key, "files": files}, indent=1) + "\n")
+
+    # another process may publish the same entry between our two renames: keep its entry if good
+    return write_directory_atomically(path, build_and_mark, keep_rival=lambda: _directory_problem(Path(path), key)
+                                      is None)
+
+
+def write_directory_atomically(path: str | os.PathLike, build: Callable[[Path], None], *,
+                               keep_rival: Callable[[], bool] = lambda: False) -> Path:
+    """Fill ``path`` as a whole or not at all: ``build(folder)`` fills an empty temporary sibling,
+    which is renamed into place (replacing what was there) only when ``build`` returns. An error
+    or an interrupt leaves the old folder, or nothing; a killed writer's temporary is swept by
+    the next write. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(path)
@@ -220,17 +238,14 @@ def save_directory(path: str | os.PathLike, key: str, build: Callable[[Path], No
     tmp.mkdir()
     try:
         build(tmp)
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                 if p.is_file() and p.name != MARKER}
-        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "key": key, "files": files}, indent=1) + "\n")
-        _publish(tmp, path, key)
+        _publish(tmp, path, keep_rival)
     finally:
         if tmp.exists():
             _remove(tmp)
     return path
 
 
-def _publish(tmp: Path, path: Path, key: str) -> None:
+def _publish(tmp: Path, path: Path, keep_rival: Callable[[], bool]) -> None:
     # a rename cannot replace a non-empty directory: move the old entry aside first
     old = _temporary_sibling(path, ".old")
     try:
@@ -240,8 +255,11 @@ def _publish(tmp: Path, path: Path, key: str) -> None:
     try:
         os.replace(tmp, path)
     except OSError:
-        # another process published between the two renames: keep its entry if it is good
-        if _directory_problem(path, key) is not None:
+        # another process published between the two renames
+        if not keep_rival():
+            if old is not None and not path.exists():  # put the old folder back: nothing is lost
+                os.replace(old, path)
+                old = None
             raise
     finally:
         if old is not None:

@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from vocabsem_fast.app.data import load_folder
-from vocabsem_fast.app.evaluation import VDSPlus
 from vocabsem_fast.app.models import load_model
-from vocabsem_fast.app.tasks import Task
-from vocabsem_fast.app.vds_plus import PlusConfig
+from vocabsem_fast.app.tasks import Task, head_logits
+from vocabsem_fast.app.vds_plus import PlusConfig, VDSPlusClassifier
 
 SETS = ("sst2", "subj", "agnews", "mr", "trec", "cb", "rte")
 
@@ -34,15 +34,16 @@ def outer_accuracy(model, tokenizer, folder: Path, config: PlusConfig, seed: int
                    folds: int) -> tuple[float, list[str]]:
     task = Task(model, tokenizer, load_folder(folder), train_limit=train_limit, test_limit=250, seed=seed,
                 progress=False)
-    method = VDSPlus(precision="float32")  # the representations of the disk cache
-    method.config = config
-    reps, prior, labels = method._reps(task, "train"), method._prior(task, "train"), task.labels("train")
+    reps, labels = task.representations("train"), task.labels("train")  # float32: those of the disk cache
+    prior = torch.log_softmax(head_logits(task.model, reps.last, task.next_token_ids), dim=-1)
+    basis = task.basis
     correct, chosen = 0, []
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1000 + seed))
     for k in range(folds):
         held = order[k::folds]
         fit = order[torch.isin(order, held, invert=True)].sort().values
-        classifier = method._new_classifier(task)
+        classifier = VDSPlusClassifier(basis.for_words(task.words), replace(config, seed=seed), bases=basis.vectors,
+                                       label_token_ids=basis.token_ids(task.words))
         classifier.fit(reps[fit], prior[fit], labels[fit])
         correct += int((classifier.predict(reps[held], prior[held]) == labels[held]).sum())
         c = classifier.choice

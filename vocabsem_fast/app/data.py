@@ -150,13 +150,11 @@ def _read_jsonl(path: Path, fields: tuple[str, ...], labels: dict[str, str]) -> 
     return examples
 
 
-def load_folder(path: str | Path) -> ClassificationData:
-    """Load a data folder (``train.jsonl``, ``test.jsonl``, ``labels.json``)."""
-    root = Path(path)
-    meta_path = root / "labels.json"
-    for needed in (meta_path, root / "train.jsonl", root / "test.jsonl"):
-        if not needed.is_file():
-            raise FileNotFoundError(f"data folder {root} has no {needed.name}")
+def read_labels(meta_path: str | Path) -> tuple[str, tuple[str, ...], dict[str, str]]:
+    """``(template, text_fields, label_words)`` of a data folder's ``labels.json``."""
+    meta_path = Path(meta_path)
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"data folder {meta_path.parent} has no {meta_path.name}")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -166,6 +164,8 @@ def load_folder(path: str | Path) -> ClassificationData:
     for key in ("template", "text_fields", "label_words"):
         if key not in meta:
             raise ValueError(f"{meta_path} has no {key!r}")
+    if not isinstance(meta["text_fields"], list) or not isinstance(meta["template"], str):
+        raise ValueError(f"{meta_path}: text_fields must be a list of field names and template a string")
     fields = tuple(meta["text_fields"])
     placeholders = {name for _, name, _, _ in string.Formatter().parse(meta["template"]) if name}
     if placeholders != set(fields):
@@ -173,12 +173,21 @@ def load_folder(path: str | Path) -> ClassificationData:
     if not isinstance(meta["label_words"], dict) or not meta["label_words"]:
         raise ValueError(f"{meta_path}: label_words must be an object mapping each label to its word, "
                          f'e.g. {{"positive": "great", "negative": "terrible"}}')
-    if not isinstance(meta["text_fields"], list) or not isinstance(meta["template"], str):
-        raise ValueError(f"{meta_path}: text_fields must be a list of field names and template a string")
     label_words = {str(k): str(v) for k, v in meta["label_words"].items()}
+    return meta["template"], fields, label_words
+
+
+def load_folder(path: str | Path) -> ClassificationData:
+    """Load a data folder (``train.jsonl``, ``test.jsonl``, ``labels.json``)."""
+    root = Path(path)
+    meta_path = root / "labels.json"
+    for needed in (meta_path, root / "train.jsonl", root / "test.jsonl"):
+        if not needed.is_file():
+            raise FileNotFoundError(f"data folder {root} has no {needed.name}")
+    template, fields, label_words = read_labels(meta_path)
     return ClassificationData(
         name=root.name,
-        template=meta["template"],
+        template=template,
         text_fields=fields,
         label_words=label_words,
         train=_read_jsonl(root / "train.jsonl", fields, label_words),

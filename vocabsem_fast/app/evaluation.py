@@ -4,128 +4,102 @@ after the semantic clustering module (adjusted Rand index, kNN accuracy, a 2-D p
 
 Methods are named by a spec, ``name[:key=value...]``: ``vds``, ``vds:train=mm:predict=mm``,
 ``vds:train=sm-gt``, ``vds:attention=last``, ``icl:shots=8``, ``rag``, ``knn:k=3``,
-``lora:epochs=3``, ``ia3``, and two untrained references, ``zeroshot`` (the LM head on the
+``lora:epochs=3``, ``ia3``, ``probe`` (logistic regression on vds+'s features), and two
+untrained references, ``zeroshot`` (the LM head on the
 zero-shot prompt) and ``cosine`` (nearest label basis of the raw representation).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import time
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bases import lm_head_weight
 from ..kmeans import kmeans
 from ..ops import similarity_logits
 from .baselines import AdapterTuning, InContextLearning, KNNPrompting, RetrievalICL, majority_vote
-from .data_parallel import fit_data_parallel
+from .classifier import TextClassifier
+from .estimators import option_names
 from .memory import PeakMemory
-from .models import native_bfloat16
-from .semantic_clustering import FitConfig, VDSClassifier
+from .models import extraction_dtype
 from .tasks import Task, head_logits
-from .vds_plus import PlusConfig, VDSPlusClassifier
 
 DEFAULT_METHODS = ("vds", "knn", "icl", "rag", "lora", "ia3")
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def extraction_dtype(precision: str, model) -> torch.dtype:
-    """The dtype a frozen forward pass runs in for ``precision`` (see ``VDSPlus``)."""
-    native = next(model.parameters()).dtype
-    if precision == "auto":
-        fast = native_bfloat16(next(model.parameters()).device) and native == torch.float32
-        return torch.bfloat16 if fast else native
-    return getattr(torch, precision)
-
-
-class VDS:
-    """The semantic clustering module trained on frozen representations (see ``clustering``)."""
+class KeptClassifier:
+    """A ``TextClassifier`` method evaluated on a task: the adapter only feeds the classifier the
+    task's splits, so the figures are those of the object a user keeps. Its forward passes are the
+    task's shared representations (the same prompts through the same extraction), charged to
+    every method that reads them."""
 
     uses_representations = ("train", "test")
+    method = ""
 
-    RENAMED = {"train": "train_logits", "predict": "predict_logits"}  # short spec names
+    def __init__(self, **options):
+        self.options = options
+        # the options are checked now, before any model work (the model loads lazily)
+        probe = TextClassifier("{text}", {"a": "a", "b": "b"}, method=self.method, **options)
+        self.config = getattr(probe._estimator, "config", None)
+        self.precision = probe.precision
+        self.extraction_dtype: torch.dtype | None = None  # decided by fit, from the model's device
+        self.text_classifier: TextClassifier | None = None
 
-    def __init__(self, nproc: int = 1, **options):
-        self.config = FitConfig(**{self.RENAMED.get(k, k): v for k, v in options.items()})
-        if not isinstance(nproc, int) or nproc < 1:
-            raise ValueError(f"nproc must be a positive int, got {nproc!r}")
-        self.nproc = nproc  # > 1: data-parallel training over that many local processes
-
-    def fit(self, task: Task) -> VDS:
-        basis = task.basis
-        head = bias = None
-        if "mm" in (self.config.train_logits, self.config.predict_logits):
-            head = lm_head_weight(task.model)
-            bias = getattr(task.model.get_output_embeddings(), "bias", None)
-        config = replace(self.config, seed=task.seed)
-        self.classifier = VDSClassifier(basis.vectors, basis.token_ids(task.words), head_weight=head, head_bias=bias,
-                                        config=config)
-        fit_data_parallel(self.classifier, task.representations("train"), task.labels("train"), self.nproc,
-                          progress=f"{task.data.name} vds training" if task.progress else None)
+    def fit(self, task: Task) -> KeptClassifier:
+        clf = TextClassifier(task.data.template, task.data.label_words, model=task.model, tokenizer=task.tokenizer,
+                             text_fields=list(task.data.text_fields), method=self.method, seed=task.seed,
+                             batch_size=task.batch_size, progress=task.progress, **self.options)
+        self.extraction_dtype = extraction_dtype(clf.precision, task.model)
+        clf._represent = partial(task.represent, dtype=self.extraction_dtype)
+        clf._chunk = None  # a split in one piece: its shared representations serve
+        self.text_classifier = clf.fit([e.fields for e in task.train], [e.label for e in task.train])
         return self
 
     def predict(self, task: Task) -> Tensor:
-        return self.classifier.predict(task.representations("test"))
+        return self.text_classifier.predict_proba([e.fields for e in task.test]).argmax(-1)
+
+    @property
+    def classifier(self):
+        """The fitted method's own classifier (``VDSClassifier``, ``VDSPlusClassifier``, ...)."""
+        estimator = self.text_classifier._estimator
+        return getattr(estimator, "classifier", None) or getattr(estimator, "probe", None)
+
+    def details(self) -> dict:
+        return {"extraction_dtype": str(self.extraction_dtype).removeprefix("torch.")}
 
 
-class VDSPlus:
+class VDS(KeptClassifier):
+    """The paper's semantic clustering module trained on frozen representations."""
+
+    method = "vds"
+
+
+class VDSPlus(KeptClassifier):
     """``vds+`` (see ``vds_plus``): the zero-shot answer as a prior that a module reading the last
     and an inner layer corrects, every choice made by cross-validation on the training data."""
 
-    uses_representations = ("train", "test")
-
-    def __init__(self, precision: str = "auto", **options):
-        """``precision``: the weights the frozen forward passes run in, ``float32``, ``bfloat16``
-        or ``auto`` (bfloat16 where the device computes it natively, else the model's own): the
-        representations are what the module reads, and bfloat16 halves their extraction cost."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
-        for name in ("scales", "priors"):  # a spec gives one value, or several joined by "/"
-            if name in options:
-                value = options[name]
-                options[name] = tuple(float(v) for v in str(value).split("/"))
-        self.config = PlusConfig(**options)
-        self.extraction_dtype: torch.dtype | None = None  # decided by fit, from the model's device
-
-    def _reps(self, task: Task, split: str):
-        return task.representations(split, self.extraction_dtype)
-
-    def _prior(self, task: Task, split: str) -> Tensor:
-        logits = head_logits(task.model, self._reps(task, split).last, task.next_token_ids)
-        return torch.log_softmax(logits, dim=-1)
-
-    def _new_classifier(self, task: Task) -> VDSPlusClassifier:
-        basis = task.basis
-        return VDSPlusClassifier(basis.for_words(task.words), replace(self.config, seed=task.seed),
-                                 bases=basis.vectors, label_token_ids=basis.token_ids(task.words))
-
-    def fit(self, task: Task) -> VDSPlus:
-        from tqdm.auto import tqdm
-
-        self.extraction_dtype = extraction_dtype(self.precision, task.model)
-        self.classifier = self._new_classifier(task)
-        with tqdm(total=self.classifier.candidates_trained, desc=f"{task.data.name} vds+ validation",
-                  unit="candidate", leave=False, disable=not task.progress) as bar:
-            self.classifier.fit(self._reps(task, "train"), self._prior(task, "train"), task.labels("train"),
-                                progress=bar)
-        return self
-
-    def predict(self, task: Task) -> Tensor:
-        return self.classifier.predict(self._reps(task, "test"), self._prior(task, "test"))
+    method = "vds+"
 
     def details(self) -> dict:
         choice = self.classifier.choice
-        return {"extraction_dtype": str(self.extraction_dtype).removeprefix("torch."),
+        return {**super().details(),
                 "choice": {"training": choice.training, "prior_weight": choice.prior_weight, "scale": choice.scale,
                            "epochs": choice.epochs, "validation_accuracy": choice.validation_accuracy},
                 "validation_candidates": choice.candidates}
+
+
+class Probe(KeptClassifier):
+    """A logistic-regression probe on vds+'s frozen features, C chosen by cross-validation."""
+
+    method = "probe"
+
+    def details(self) -> dict:
+        return {**super().details(), "choice": self.text_classifier.fit_summary_}
 
 
 class ZeroShotHead:
@@ -151,6 +125,7 @@ class ZeroShotCosine(ZeroShotHead):
 FACTORIES = {
     "vds": VDS,
     "vds+": VDSPlus,
+    "probe": Probe,
     "icl": InContextLearning,
     "rag": RetrievalICL,
     "knn": KNNPrompting,
@@ -173,17 +148,23 @@ def _value(text: str):
     return text
 
 
-def make_method(spec: str):
-    """A method from its spec, ``name[:key=value...]`` (see the module docstring)."""
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``(name, options)`` of a spec ``name[:key=value...]``; values read as booleans, numbers or text."""
     name, *pairs = spec.strip().split(":")
-    if name not in FACTORIES:
-        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {', '.join(FACTORIES)}")
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"method option {pair!r} in {spec!r} is not key=value")
         options[key.replace("-", "_")] = _value(value)
+    return name, options
+
+
+def make_method(spec: str):
+    """A method from its spec, ``name[:key=value...]`` (see the module docstring)."""
+    name, options = parse_spec(spec)
+    if name not in FACTORIES:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {', '.join(FACTORIES)}")
     known = method_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -196,16 +177,13 @@ def make_method(spec: str):
 
 
 def method_options(name: str) -> list[str]:
-    """The option names a method's spec accepts (its constructor's keywords; VDS also takes
-    every field of the fit configuration, and train / predict for its logits)."""
+    """The option names a method's spec accepts (its constructor's keywords; for the methods of
+    ``TextClassifier``, its method's options and ``precision``)."""
     factory = {"lora": AdapterTuning, "ia3": AdapterTuning}.get(name, FACTORIES[name])
+    if isinstance(factory, type) and issubclass(factory, KeptClassifier):
+        return [*option_names(factory.method), "precision"]
     params = inspect.signature(factory).parameters.values()
-    names = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "kind"]
-    if factory is VDS:
-        names += [*VDS.RENAMED, *(f.name for f in dataclasses.fields(FitConfig))]
-    if factory is VDSPlus:
-        names += [f.name for f in dataclasses.fields(PlusConfig)]
-    return names
+    return [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "kind"]
 
 
 def parse_methods(text: str) -> list[str]:
@@ -302,7 +280,7 @@ def representation_keys(task: Task, method) -> list[str]:
 
 
 def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None = None,
-                  on_result=None) -> dict[str, dict]:
+                  on_result=None, on_fitted=None) -> dict[str, dict]:
     """Fit and score each method on ``task``; ``{spec: result}``. A method is charged the time of
     the shared representations it uses even when another method computed them first."""
     results = {}
@@ -341,6 +319,8 @@ def evaluate_task(task: Task, methods: list[str], *, plot_dir: str | Path | None
         results[spec] = result
         if on_result is not None:
             on_result(spec, result)
+        if on_fitted is not None:
+            on_fitted(spec, method)
         del method  # an adapter's model copy goes now, not after the next method
     return results
 
@@ -413,6 +393,8 @@ def plot_frontier(results: dict[str, dict[str, dict]], path: str | Path, title: 
 
 def trainable_parameters(method) -> int:
     """Parameters the method trains (0 for the prompting methods and the untrained references)."""
+    if isinstance(method, KeptClassifier):
+        return method.text_classifier.trainable_parameters_
     module = getattr(getattr(method, "classifier", None), "module", None)
     if module is None:
         module = getattr(method, "model", None) if isinstance(method, AdapterTuning) else None

