@@ -66,6 +66,29 @@ def test_batches_keep_the_prompt_order():
     assert len(extract(model, tokenizer, [], use_cache=False, progress=False)) == 0
 
 
+def test_the_batches_depend_on_the_prompts_not_their_order(monkeypatch):
+    """Prompts of equal length are grouped by their text, not their position: the same prompts
+    in any order make the same batches (so a classifier's answers do not depend on the order of
+    its input, and an evaluation's split and the same file classified line by line agree)."""
+    model, tokenizer = tiny_gpt2(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    prompts = ["the movie was good", "the plot was bad", "very long and boring", "great fun plot good",
+               "the movie was bad", "short and very fun"]  # four tokens each
+    batches = []
+    real = reps_module._encode_batch
+
+    def recording(reader, ids, mask):
+        batches.append(sorted(map(tuple, ids.tolist())))
+        return real(reader, ids, mask)
+
+    monkeypatch.setattr(reps_module, "_encode_batch", recording)
+    first = extract(model, tokenizer, prompts, batch_size=4, use_cache=False, progress=False)
+    seen, batches[:] = list(batches), []
+    order = torch.randperm(len(prompts)).tolist()
+    again = extract(model, tokenizer, [prompts[i] for i in order], batch_size=4, use_cache=False, progress=False)
+    assert batches == seen
+    assert torch.equal(again.last, first.last[order])
+
+
 class ForwardPass(Exception):
     pass
 

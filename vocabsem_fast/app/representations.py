@@ -191,7 +191,7 @@ def encode(model, tokenizer, prompts: list[str], *, batch_size: int = 16, progre
            desc: str = "representations") -> Representations:
     """Representations of ``prompts`` (in order) by frozen forward passes, no cache: prompts are
     tokenized once and batched longest first, so a batch holds prompts of similar length and
-    wastes little on padding."""
+    wastes little on padding. The batches depend on the set of prompts only, not their order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_tokens = context_limit(model, MAX_PROMPT_TOKENS)
@@ -203,7 +203,9 @@ def encode(model, tokenizer, prompts: list[str], *, batch_size: int = 16, progre
     if not rows:
         d = model.config.hidden_size
         return Representations(*(torch.empty(0, d) for _ in _KINDS))
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    # ties broken by the text, not the position: the same prompts make the same batches in any
+    # input order, so a prompt's representation does not depend on where it stood
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), prompts[i]))
     reader, device = _Reader(model), next(model.parameters()).device
     parts = []
     batches = range(0, len(order), batch_size)
