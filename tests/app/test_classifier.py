@@ -60,6 +60,7 @@ def test_the_sklearn_surface(task, method):
     probabilities = clf.predict_proba(texts)
     assert probabilities.shape == (len(texts), 2) and probabilities.dtype == torch.float32
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(len(texts)))
+    assert not probabilities.is_inference()  # computed in inference mode, returned as an ordinary tensor
     predicted = clf.predict(texts)
     assert clf.classes_ == ["pos", "neg"]
     assert predicted == [clf.classes_[i] for i in probabilities.argmax(-1).tolist()]

@@ -146,9 +146,10 @@ class TextClassifier:
             return torch.empty(0, len(self.classes_))
         self._prepare()
         chunk = self._chunk or len(prompts)
-        parts = [self._estimator.probabilities(self._features(prompts[start:start + chunk])).float()
-                 for start in range(0, len(prompts), chunk)]
-        return torch.cat(parts)
+        with torch.inference_mode():  # nothing here is ever differentiated
+            parts = [self._estimator.probabilities(self._features(prompts[start:start + chunk])).float()
+                     for start in range(0, len(prompts), chunk)]
+        return torch.cat(parts)  # outside inference mode: an ordinary tensor the caller may change
 
     def predict(self, texts) -> list[str]:
         """The most probable class name of each text."""
