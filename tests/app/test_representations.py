@@ -89,6 +89,26 @@ def test_the_batches_depend_on_the_prompts_not_their_order(monkeypatch):
     assert torch.equal(again.last, first.last[order])
 
 
+def test_a_batchs_representations_hold_no_view_of_its_states(monkeypatch):
+    """Each batch's rows are kept until all batches are done: they must own their memory, not
+    view the batch's (batch, tokens, d) states (which kept every batch's states alive)."""
+    model, tokenizer = tiny_llama(vocab=len(WORDS) + 2), word_tokenizer_fast(WORDS)
+    kept = []
+    real = reps_module._encode_batch
+
+    def recording(reader, ids, mask):
+        out = real(reader, ids, mask)
+        kept.append(out)
+        return out
+
+    monkeypatch.setattr(reps_module, "_encode_batch", recording)
+    extract(model, tokenizer, PROMPTS, batch_size=2, use_cache=False, progress=False)
+    for part in kept:
+        for name in ("last", "mean", "max", "inner_last", "inner_mean"):
+            t = getattr(part, name)
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+
 class ForwardPass(Exception):
     pass
 

@@ -184,7 +184,10 @@ def _encode_batch(reader: _Reader, ids: Tensor, mask: Tensor) -> Representations
         return (torch.where(keep, x, 0.0).sum(1) / count).cpu()
 
     peak = torch.where(keep, states, float("-inf")).amax(1)
-    return Representations(states[:, -1].cpu(), token_mean(states), peak.cpu(), inner[:, -1].cpu(), token_mean(inner))
+    # the last token's rows copied out: a view would keep the batch's whole (batch, tokens, d)
+    # states alive until every batch is done, memory growing with the number of prompts
+    return Representations(states[:, -1].clone().cpu(), token_mean(states), peak.cpu(), inner[:, -1].clone().cpu(),
+                           token_mean(inner))
 
 
 def encode(model, tokenizer, prompts: list[str], *, batch_size: int = 16, progress: bool = False,
