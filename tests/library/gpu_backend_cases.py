@@ -162,3 +162,22 @@ def test_nan_contract(impl, k):
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 def test_overflowing_norms_score_zero(impl):
     nan_and_overflow_cases.check_overflow_scores_zero(impl, DEVICE)
+
+
+def test_batched_triton_launches_in_chunks_match_the_reference(monkeypatch):
+    """A batch beyond CUDA's 65535 programs on grid axes 1 and 2 is launched in chunks: with the
+    chunk shrunk to two problems, five problems take three launches and still match."""
+    if "triton" not in GPU_IMPLS:
+        pytest.skip("the triton backend is not available")
+    from vocabsem_fast.kernels import similarity
+
+    monkeypatch.setattr(similarity, "MAX_GRID_YZ", 2)
+    p64, c64 = make(5, 7, 19, dtype=torch.float64), make(5, 33, 19, dtype=torch.float64)
+    points, centroids = p64.to(DEVICE, torch.float32), c64.to(DEVICE, torch.float32)
+    indices, scores = vs.assign(points, centroids, hard=True, impl="triton")
+    ref_indices, ref_scores = ref.assign(points.cpu(), centroids.cpu(), hard=True)
+    torch.testing.assert_close(scores.cpu(), ref_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices.cpu(), ref_indices)
+    probs = vs.assign(points, centroids, temperature=0.1, impl="triton")
+    torch.testing.assert_close(probs.cpu(), ref.assign(points.cpu(), centroids.cpu(), temperature=0.1),
+                               rtol=1e-5, atol=1e-6)

@@ -27,6 +27,7 @@ computes bf16 dots on raw bit patterns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -287,6 +288,24 @@ def split_grid(n: int, v: int, block_n: int, block_v: int, sms: int) -> tuple[tu
     return (row_blocks, triton.cdiv(v, split_cols)), split_cols
 
 
+# CUDA allows 2^31 - 1 programs on grid axis 0 but only 65535 on axes 1 and 2: a launch with more
+# problems on those axes fails. Batched launches go in chunks of at most this many problems.
+MAX_GRID_YZ = 65535
+
+
+def batch_chunks(batch: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(batch)`` in chunks of at most ``limit``
+    (default ``MAX_GRID_YZ``)."""
+    limit = limit or MAX_GRID_YZ
+    return [(start, min(batch, start + limit)) for start in range(0, batch, limit)]
+
+
+def on_device(tensor: torch.Tensor):
+    """Launch under the tensors' GPU, not the current one: Triton launches on the current device,
+    and a model spread over GPUs (``device_map="auto"``) keeps its head on another."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
 def epilogue_grid(rows: int) -> tuple[int]:
     return (rows,)
 
@@ -339,10 +358,11 @@ def cross_entropy_forward(hidden, bases, targets, inv_h, inv_b, scale: float, ig
     config = forward_config(n, hidden.dtype)
     grid, split_cols = split_grid(n, v, config["BLOCK_N"], config["BLOCK_V"], sm_count(hidden.device))
     part = torch.empty(4, grid[1], n, **f32)
-    _ce_forward_kernel[grid](
-        hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), part,
-        n, v, d, hidden.stride(0), bases.stride(0), float(scale), split_cols,
-        **forward_constexprs(hidden.dtype, inv_h is not None, smoothing > 0), **config)
+    with on_device(hidden):
+        _ce_forward_kernel[grid](
+            hidden, bases, targets, _inverse_or_dummy(inv_h, hidden), _inverse_or_dummy(inv_b, hidden), part,
+            n, v, d, hidden.stride(0), bases.stride(0), float(scale), split_cols,
+            **forward_constexprs(hidden.dtype, inv_h is not None, smoothing > 0), **config)
     split_max, split_sum, split_target, split_logits = part.unbind(0)
     row_max = split_max.amax(0)
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)  # all -inf: a finite shift
@@ -361,22 +381,32 @@ def topk(hidden, bases, inv_h, inv_b, scale: float, k: int):
 
 
 def batched_topk(points, centroids, inv_p, inv_c, scale: float, k: int):
-    """(B, N, d) against (B, V, d), each problem on its own, in one launch: (B, N, k) values and
-    indices. Inverse norms are (B, N) and (B, V) (or None)."""
-    batch, n, d = points.shape
-    v = centroids.shape[1]
+    """(B, N, d) against (B, V, d), each problem on its own, in one launch per ``MAX_GRID_YZ``
+    problems: (B, N, k) values and indices. Inverse norms are (B, N) and (B, V) (or None)."""
+    batch, n, _ = points.shape
     if batch == 0 or n == 0:
         return (torch.empty(batch, n, k, dtype=torch.float32, device=points.device),
                 torch.empty(batch, n, k, dtype=torch.int64, device=points.device))
+    parts = [_batched_topk_launch(points[a:b], centroids[a:b], None if inv_p is None else inv_p[a:b],
+                                  None if inv_c is None else inv_c[a:b], scale, k) for a, b in batch_chunks(batch)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _batched_topk_launch(points, centroids, inv_p, inv_c, scale: float, k: int):
+    batch, n, d = points.shape
+    v = centroids.shape[1]
     config = topk_config(n, points.dtype)
     (row_blocks, splits), split_cols = split_grid(n, v, config["BLOCK_N"], config["BLOCK_V"],
                                                   -(-sm_count(points.device) // batch))
     values = torch.empty(splits, batch, n, k, dtype=torch.float32, device=points.device)
     indices = torch.empty(splits, batch, n, k, dtype=torch.int64, device=points.device)
-    _topk_kernel[(row_blocks, splits, batch)](
-        points, centroids, _inverse_or_dummy(inv_p, points), _inverse_or_dummy(inv_c, points), values, indices,
-        n, v, d, points.stride(1), centroids.stride(1), float(scale), split_cols, points.stride(0),
-        centroids.stride(0), **topk_constexprs(points.dtype, inv_p is not None, k), **config)
+    with on_device(points):
+        _topk_kernel[(row_blocks, splits, batch)](
+            points, centroids, _inverse_or_dummy(inv_p, points), _inverse_or_dummy(inv_c, points), values, indices,
+            n, v, d, points.stride(1), centroids.stride(1), float(scale), split_cols, points.stride(0),
+            centroids.stride(0), **topk_constexprs(points.dtype, inv_p is not None, k), **config)
     # merge the splits: each row's k best of splits x k candidates (slots are unordered)
     values = values.permute(1, 2, 0, 3).reshape(batch * n, -1)
     indices = indices.permute(1, 2, 0, 3).reshape(batch * n, -1)
@@ -393,12 +423,13 @@ def strip_epilogue(scores, row_scale, col_scale, targets, ignore_index: int, wei
     if rows == 0:
         return loss, lse
     dummy = scores.new_empty(1)
-    _strip_epilogue_kernel[epilogue_grid(rows)](
-        scores, scores.stride(0), row_scale.to(torch.float32).contiguous(),
-        dummy if col_scale is None else col_scale, targets.contiguous(),
-        dummy if weight is None else weight.to(torch.float32).contiguous(), loss, lse, v, int(ignore_index),
-        float(smoothing), **epilogue_constexprs(col_scale is not None, smoothing > 0, weight is not None),
-        **EPILOGUE)
+    with on_device(scores):
+        _strip_epilogue_kernel[epilogue_grid(rows)](
+            scores, scores.stride(0), row_scale.to(torch.float32).contiguous(),
+            dummy if col_scale is None else col_scale, targets.contiguous(),
+            dummy if weight is None else weight.to(torch.float32).contiguous(), loss, lse, v, int(ignore_index),
+            float(smoothing), **epilogue_constexprs(col_scale is not None, smoothing > 0, weight is not None),
+            **EPILOGUE)
     return loss, lse
 
 
@@ -409,9 +440,15 @@ def soft_assign(points, centroids, inv_p, inv_c, scale: float):
     out = torch.empty(batch, n, k, dtype=torch.float32, device=points.device)
     if batch == 0 or n == 0:
         return out
-    _soft_assign_kernel[soft_assign_grid(batch, n)](
-        points, centroids, _inverse_or_dummy(inv_p, points), _inverse_or_dummy(inv_c, points), out, n, k, d,
-        float(scale), **soft_assign_constexprs(points.dtype, inv_p is not None, k), **ASSIGN)
+    # inverse norms arrive flattened, (B * N) and (B * K): sliced per chunk as (B, N) and (B, K)
+    inv_p = None if inv_p is None else inv_p.view(batch, n)
+    inv_c = None if inv_c is None else inv_c.view(batch, k)
+    with on_device(points):
+        for a, b in batch_chunks(batch):  # the batch is grid axis 1
+            _soft_assign_kernel[soft_assign_grid(b - a, n)](
+                points[a:b], centroids[a:b], _inverse_or_dummy(None if inv_p is None else inv_p[a:b], points),
+                _inverse_or_dummy(None if inv_c is None else inv_c[a:b], points), out[a:b], n, k, d, float(scale),
+                **soft_assign_constexprs(points.dtype, inv_p is not None, k), **ASSIGN)
     return out
 
 
