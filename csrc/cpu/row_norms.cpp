@@ -1,10 +1,12 @@
-// Euclidean norms of the rows of a matrix, accumulated in float32 (float64 for double input).
+// Euclidean norms of the rows of a matrix, accumulated in float32 (float64 for double input);
+// NaN for a row holding an infinite entry (its normalised form is NaN, not the 0 of an overflow).
 // The similarity ops normalise hidden states and bases by these norms: computing them once per
 // tensor lets the GEMM tiles run on raw inputs with the inverse norm applied as a rank-1 scale.
 #include "checks.h"
 
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <limits>
 
 namespace vocabsem {
 namespace {
@@ -21,6 +23,17 @@ void row_norms_kernel(const scalar_t* x, int64_t rows, int64_t cols, int64_t row
         sum += v * v;
       }
       out[r] = std::sqrt(sum);
+      // An infinite norm is an overflow of finite entries (the row normalises to 0, as
+      // x / max(|x|, eps) does) or an infinite entry (it normalises to NaN): tell them apart
+      // here, where it costs a second look at the rare overflowing row only.
+      if (std::isinf(out[r])) {
+        for (int64_t c = 0; c < cols; ++c) {
+          if (std::isinf(static_cast<acc_t>(row[c]))) {
+            out[r] = std::numeric_limits<acc_t>::quiet_NaN();
+            break;
+          }
+        }
+      }
     }
   });
 }

@@ -100,13 +100,16 @@ template <typename T>
 __global__ void row_inverse_norms_kernel(const T* x, int64_t d, int64_t ld, float eps, float* inv) {
   const int64_t r = blockIdx.x;
   const T* row = x + r * ld;
-  float s = 0.f;
+  float s = 0.f, infinite = 0.f;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
     const float v = to_float(row[j]);
     s += v * v;
+    infinite += isinf(v) ? 1.f : 0.f;
   }
   s = block_sum(s);
-  if (threadIdx.x == 0) inv[r] = 1.f / fmaxf(sqrtf(s), eps);
+  infinite = block_sum(infinite);
+  // an infinite entry normalises the row to NaN; finite entries whose norm overflows, to 0
+  if (threadIdx.x == 0) inv[r] = infinite > 0.f ? NAN : 1.f / fmaxf(sqrtf(s), eps);
 }
 
 template <typename T>

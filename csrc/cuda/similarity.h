@@ -16,7 +16,7 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// inv[r] = 1 / max(||x[r]||, eps) for rows x r of length d.
+// inv[r] = 1 / max(||x[r]||, eps) for rows x r of length d; NaN where the row holds an infinite entry.
 cudaError_t row_inverse_norms(const void* x, DType dtype, int64_t rows, int64_t d, int64_t ld, float eps,
                               float* inv, cudaStream_t stream);
 

@@ -31,7 +31,8 @@ class KernelModel:
 
     @staticmethod
     def cuda_row_inverse_norms(x, eps):
-        return 1.0 / torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(eps)
+        inverse = 1.0 / torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(eps)
+        return inverse.masked_fill(torch.isinf(x).any(dim=-1), float("nan"))
 
     @staticmethod
     def cuda_normalization_backward(x, inv, grad, eps, grad_times_inv):

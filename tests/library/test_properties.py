@@ -187,3 +187,51 @@ def test_logits(impl, p):
     kwargs = dict(scale=p["scale"], normalize=p["normalize"])
     _bounded(vf.similarity_logits(h, b, impl=impl, **kwargs), ref.similarity_logits(h, b, **kwargs),
              ref.similarity_logits(h64, b64, **kwargs), f"{impl} logits", p)
+
+
+NON_FINITE = ("inf", "-inf", "nan", "overflow")  # an entry set to +-inf, NaN, or the dtype's largest / 2
+
+
+@st.composite
+def non_finite_problems(draw):
+    """Small problems with one to three entries of hidden or bases made non-finite, or finite but
+    so large that a row's norm overflows."""
+    p = draw(problems(max_v=30))
+    assume(p["hidden"].shape[0] > 0)
+    for _ in range(draw(st.integers(1, 3))):
+        x = p["hidden"] if draw(st.booleans()) else p["bases"]
+        row, col = draw(st.integers(0, x.shape[0] - 1)), draw(st.integers(0, x.shape[1] - 1))
+        kind = draw(st.sampled_from(NON_FINITE))
+        x[row, col] = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan"),
+                       "overflow": torch.finfo(p["dtype"]).max / 2}[kind]
+    p["layout"] = "contiguous"
+    return p
+
+
+def _nan_masks(loss, hidden_grad, bases_grad):
+    return loss.isnan(), hidden_grad.isnan().any(-1), bases_grad.isnan().any(-1)
+
+
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
+@given(p=non_finite_problems(), reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_non_finite_inputs_give_nan_where_the_reference_does(impl, p, reduction):
+    """NaN or Inf in the inputs propagate as NaN in the affected rows only, as in the reference;
+    a row whose finite entries overflow its norm normalises to 0, not NaN. Normalised scores are
+    judged against the float64 reference (the same math, no overflow of the dtype); raw dot
+    products, which overflow the input dtype itself, against the reference in the same dtype."""
+    if not p["normalize"]:
+        assume(p["dtype"] in (torch.float32, torch.float64))
+    h64, b64 = p["hidden"].to(p["dtype"]).double(), p["bases"].to(p["dtype"]).double()
+    h, b = h64.to(p["dtype"]), b64.to(p["dtype"])
+    targets = torch.randint(0, b.shape[0], (h.shape[0],), generator=torch.Generator().manual_seed(p["seed"]))
+    kwargs = dict(scale=p["scale"], normalize=p["normalize"], reduction=reduction)
+    masks = {}
+    oracle = (h64, b64) if p["normalize"] else (h, b)
+    for name, (x, y) in {"fused": (h, b), "oracle": oracle}.items():
+        x, y = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        loss = (vf.similarity_cross_entropy(x, y, targets, impl=impl, **kwargs) if name == "fused"
+                else ref.similarity_cross_entropy(x, y, targets, **kwargs))
+        loss.double().sum().backward()
+        masks[name] = _nan_masks(loss.detach(), x.grad, y.grad)
+    for part, got, expected in zip(("loss", "hidden grad rows", "bases grad rows"), masks["fused"], masks["oracle"]):
+        assert torch.equal(got, expected), f"{impl} {part}: NaN at {got.tolist()}, the reference at {expected.tolist()}"

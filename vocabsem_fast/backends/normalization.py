@@ -17,8 +17,12 @@ def row_norms(x: Tensor) -> Tensor:
 
 
 def inverse_norms(x: Tensor, eps: float) -> Tensor:
-    """1 / max(|row|, eps), in the accumulation dtype."""
-    return row_norms(x).clamp_min_(eps).reciprocal_()
+    """1 / max(|row|, eps), in the accumulation dtype; NaN for a row holding an infinite entry.
+    An infinite norm is either an overflow of finite entries (the row normalises to 0, and its
+    inverse norm 0 says so) or an infinite entry (the row normalises to NaN, as the reference's
+    x / max(|x|, eps) does): the kernels scale raw scores by these, so the two must differ."""
+    inverse = row_norms(x).clamp_min_(eps).reciprocal_()
+    return inverse.masked_fill_(torch.isinf(x).any(dim=-1), float("nan"))
 
 
 TEMPORARIES = 4  # float32 blocks the backward below holds at once (y, g, the norms' and vecdot's)
