@@ -22,7 +22,9 @@ def inverse_norms(x: Tensor, eps: float) -> Tensor:
     inverse norm 0 says so) or an infinite entry (the row normalises to NaN, as the reference's
     x / max(|x|, eps) does): the kernels scale raw scores by these, so the two must differ."""
     inverse = row_norms(x).clamp_min_(eps).reciprocal_()
-    return inverse.masked_fill_(torch.isinf(x).any(dim=-1), float("nan"))
+    # the largest magnitude of each row, a reduction with no intermediate of x's size
+    largest = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, dtype=inverse.dtype)
+    return inverse.masked_fill_(largest == float("inf"), float("nan"))
 
 
 TEMPORARIES = 4  # float32 blocks the backward below holds at once (y, g, the norms' and vecdot's)
