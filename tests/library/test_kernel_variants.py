@@ -31,7 +31,7 @@ def test_names_are_unique_and_signatures_name_every_argument():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_launcher_choice_is_listed(dtype):
     """What the launchers select on a GPU for any input (dtype, normalise, smoothing, row count,
-    gradients) is among the variants."""
+    gradients, every top-k k and soft-assignment width) is among the variants."""
     similarity, variants = _modules()
     listed = {(v.kernel.__name__, tuple(sorted({**v.constexprs, **v.options}.items()))) for v in variants.variants()}
 
@@ -41,9 +41,12 @@ def test_every_launcher_choice_is_listed(dtype):
     for normalize, smooth, n in itertools.product((True, False), (True, False), (1, 16, 17, 8192)):
         constexprs = similarity.forward_constexprs(dtype, normalize, smooth, interpreting=False)
         assert key(similarity._ce_forward_kernel, constexprs, similarity.forward_config(n, dtype)) in listed
-        for k in variants.TOPK_KS:
+        for k in range(1, similarity.MAX_TOPK + 1):  # every k the fused top-k takes
             constexprs = similarity.topk_constexprs(dtype, normalize, k, interpreting=False)
-            assert key(similarity._topk_kernel, constexprs, similarity.topk_config(n, dtype)) in listed
+            assert key(similarity._topk_kernel, constexprs, similarity.topk_config(n, dtype)) in listed, k
+    for normalize, k in itertools.product((True, False), range(1, similarity.MAX_SOFT_ASSIGN_K + 1)):
+        constexprs = similarity.soft_assign_constexprs(dtype, normalize, k, interpreting=False)
+        assert key(similarity._soft_assign_kernel, constexprs, similarity.soft_assign_config(k)) in listed, k
     for col_scale, smooth, grad in itertools.product((True, False), repeat=3):
         constexprs = similarity.epilogue_constexprs(col_scale, smooth, grad)
         assert key(similarity._strip_epilogue_kernel, constexprs, similarity.EPILOGUE) in listed

@@ -48,6 +48,9 @@ TOPK_FP32 = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=2) 
 TOPK_FEW_ROWS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=64, num_warps=4, num_stages=2)
 EPILOGUE = dict(BLOCK_V=1024, num_warps=4, num_stages=1)
 ASSIGN = dict(BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=2)
+# 128 centroids and more in one tile: eight warps share the (BLOCK_N, BLOCK_K) fp32 scores (four
+# spill 8 bytes at 128 in bf16 / fp16 on sm_90; eight spill nowhere, scripts/check_gpu_kernels.py)
+ASSIGN_WIDE = dict(BLOCK_N=32, BLOCK_D=32, num_warps=8, num_stages=2)
 FEW_ROWS = 16  # at most this many rows: the *_FEW_ROWS configurations
 
 
@@ -134,8 +137,8 @@ def _ce_forward_kernel(h_ptr, b_ptr, t_ptr, inv_h_ptr, inv_b_ptr, part_ptr,
 
 @triton.jit
 def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, stride_h, stride_b, scale,
-                 split_cols, batch_stride_h, batch_stride_b,
-                 K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr, UPCAST: tl.constexpr,
+                 split_cols, batch_stride_h, batch_stride_b, K,
+                 K_PAD: tl.constexpr, NORMALIZE: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """The best K of rows [BLOCK_N block] of problem program_id(2) within vocabulary split
@@ -310,8 +313,12 @@ def epilogue_grid(rows: int) -> tuple[int]:
     return (rows,)
 
 
-def soft_assign_grid(batch: int, n: int) -> tuple[int, int]:
-    return (triton.cdiv(n, ASSIGN["BLOCK_N"]), batch)
+def soft_assign_config(k: int) -> dict:
+    return ASSIGN_WIDE if soft_assign_block_k(k) >= 128 else ASSIGN
+
+
+def soft_assign_grid(batch: int, n: int, k: int = 1) -> tuple[int, int]:
+    return (triton.cdiv(n, soft_assign_config(k)["BLOCK_N"]), batch)
 
 
 # --- launchers -----------------------------------------------------------------------------------
@@ -333,7 +340,9 @@ def forward_constexprs(dtype: torch.dtype, normalize: bool, smooth: bool, *, int
 
 
 def topk_constexprs(dtype: torch.dtype, normalize: bool, k: int, *, interpreting: bool = INTERPRETING) -> dict:
-    return dict(K=k, K_PAD=triton.next_power_of_2(k), NORMALIZE=normalize,
+    # k itself is a run-time argument: one compiled variant per power-of-two K_PAD serves every k
+    # up to it (seven variants for k <= 64, not 64)
+    return dict(K_PAD=triton.next_power_of_2(k), NORMALIZE=normalize,
                 UPCAST=interpreting or dtype == torch.float32, PRECISION=FP32_PRECISION)
 
 
@@ -406,7 +415,7 @@ def _batched_topk_launch(points, centroids, inv_p, inv_c, scale: float, k: int):
         _topk_kernel[(row_blocks, splits, batch)](
             points, centroids, _inverse_or_dummy(inv_p, points), _inverse_or_dummy(inv_c, points), values, indices,
             n, v, d, points.stride(1), centroids.stride(1), float(scale), split_cols, points.stride(0),
-            centroids.stride(0), **topk_constexprs(points.dtype, inv_p is not None, k), **config)
+            centroids.stride(0), k, **topk_constexprs(points.dtype, inv_p is not None, k), **config)
     # merge the splits: each row's k best of splits x k candidates (slots are unordered)
     values = values.permute(1, 2, 0, 3).reshape(batch * n, -1)
     indices = indices.permute(1, 2, 0, 3).reshape(batch * n, -1)
@@ -445,10 +454,10 @@ def soft_assign(points, centroids, inv_p, inv_c, scale: float):
     inv_c = None if inv_c is None else inv_c.view(batch, k)
     with on_device(points):
         for a, b in batch_chunks(batch):  # the batch is grid axis 1
-            _soft_assign_kernel[soft_assign_grid(b - a, n)](
+            _soft_assign_kernel[soft_assign_grid(b - a, n, k)](
                 points[a:b], centroids[a:b], _inverse_or_dummy(None if inv_p is None else inv_p[a:b], points),
                 _inverse_or_dummy(None if inv_c is None else inv_c[a:b], points), out[a:b], n, k, d, float(scale),
-                **soft_assign_constexprs(points.dtype, inv_p is not None, k), **ASSIGN)
+                **soft_assign_constexprs(points.dtype, inv_p is not None, k), **soft_assign_config(k))
     return out
 
 

@@ -3,7 +3,7 @@
 A variant is what the launchers in ``similarity.py`` can select on a GPU: each input dtype, each
 constexpr branch (normalise, label smoothing, gradients, the few-rows configuration, top-k k,
 soft-assignment width) with the configuration the launcher uses. The ahead-of-time compile check
-(``scripts/check_triton_kernels.py``), a warm-up and any outside check compile this same list.
+(``scripts/check_gpu_kernels.py``), a warm-up and any outside check compile this same list.
 
 Integer arguments that are sizes of the hidden dimension, strides and split widths, and every
 pointer, are declared 16-divisible, as Triton specialises them at run time for aligned tensors
@@ -21,8 +21,10 @@ from . import similarity as s
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _POINTER = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-TOPK_KS = (1, 8, s.MAX_TOPK)  # greedy decoding / hard assignment, a lens, the largest fused k
-SOFT_ASSIGN_KS = (16, 64, s.MAX_SOFT_ASSIGN_K)  # the tile widths (16 is the narrowest)
+# one k for each K_PAD the top-k launcher can pick (k is a run-time argument up to K_PAD)
+TOPK_KS = tuple(2**i for i in range(s.MAX_TOPK.bit_length()) if 2**i <= s.MAX_TOPK)
+# one k for each tile width the soft assignment can pick (16 is the narrowest)
+SOFT_ASSIGN_KS = tuple(w for w in (16, 32, 64, 128, 256, 512) if w <= s.MAX_SOFT_ASSIGN_K)
 _ALIGNED = {"D", "stride_h", "stride_b", "split_cols", "ld"}
 
 
@@ -82,15 +84,15 @@ def variants() -> list[Variant]:
                                 inputs, {"scale"}))
         topk_configs = {id(c): c for c in (s.topk_config(1, DTYPES[dt]), s.topk_config(s.FEW_ROWS + 1, DTYPES[dt]))}
         for k, config in itertools.product(TOPK_KS, topk_configs.values()):
-            tags = [dt, *_flag(normalize, "normalize"), f"k{k}", f"rows{config['BLOCK_N']}"]
+            tags = [dt, *_flag(normalize, "normalize"), f"kpad{k}", f"rows{config['BLOCK_N']}"]
             out.append(_variant(f"topk[{','.join(tags)}]", s._topk_kernel, dt,
                                 s.topk_constexprs(DTYPES[dt], normalize, k, interpreting=False), config, inputs,
                                 {"scale"}))
         for k in SOFT_ASSIGN_KS:
             tags = [dt, *_flag(normalize, "normalize"), f"k{k}"]
             out.append(_variant(f"soft_assign[{','.join(tags)}]", s._soft_assign_kernel, dt,
-                                s.soft_assign_constexprs(DTYPES[dt], normalize, k, interpreting=False), s.ASSIGN,
-                                inputs, {"scale"}))
+                                s.soft_assign_constexprs(DTYPES[dt], normalize, k, interpreting=False),
+                                s.soft_assign_config(k), inputs, {"scale"}))
     for col_scale, smooth, grad in itertools.product((True, False), repeat=3):
         tags = ["fp32", *_flag(col_scale, "normalize"), *_flag(smooth, "smooth"), *_flag(grad, "grad")]
         out.append(_variant(f"strip_epilogue[{','.join(tags)}]", s._strip_epilogue_kernel, "fp32",
