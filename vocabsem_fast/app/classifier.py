@@ -299,8 +299,7 @@ class TextClassifier:
     def _runner_model(self):
         if self._runner is None:
             self._load_base()
-            dtype = next(self._base.parameters()).dtype
-            if self._dtype is None or self._dtype == dtype:
+            if self._dtype is None or self._dtype == self._loaded_dtype:
                 self._runner = self._base
             elif self._owned:  # loaded by us: cast in place, no second copy in memory (refit reloads)
                 self._runner = self._base.to(self._dtype)

@@ -47,15 +47,20 @@ class Vocabulary:
     head_bias: Tensor | None = None
 
 
-def _config(cls, options: dict, seed: int, method: str, renamed: dict | None = None):
-    """``cls(**options, seed=seed)``, an unknown option named with the valid ones."""
+def _fields(config_cls) -> list[str]:
+    """A configuration's option names (the seed is the classifier's own argument)."""
+    return [f.name for f in dataclasses.fields(config_cls) if f.name != "seed"]
+
+
+def _config(method_cls, config_cls, options: dict, seed: int, renamed: dict | None = None):
+    """``config_cls(**options, seed=seed)``, an unknown option named with the method's valid ones."""
     renamed = renamed or {}
-    known = [f.name for f in dataclasses.fields(cls) if f.name != "seed"] + list(renamed)
+    known = method_cls.option_names()
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for method {method!r}; valid options: "
+        raise ValueError(f"unknown option {unknown[0]!r} for method {method_cls.name!r}; valid options: "
                          f"{', '.join(sorted(known)) or 'none'}")
-    return cls(**{renamed.get(k, k): v for k, v in options.items()}, seed=seed)
+    return config_cls(**{renamed.get(k, k): v for k, v in options.items()}, seed=seed)
 
 
 def _tuple_option(options: dict, name: str) -> None:
@@ -73,6 +78,10 @@ class ZeroShot:
     precision = "auto"  # the extraction's default (see models.extraction_dtype)
     needs_bases = False  # reads the label words' semantic bases
     needs_vocabulary = False  # trains against the whole vocabulary
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return []
 
     def __init__(self, num_classes: int, options: dict, seed: int):
         if options:
@@ -114,13 +123,17 @@ class VDS(ZeroShot):
     needs_vocabulary = True
     RENAMED = {"train": "train_logits", "predict": "predict_logits"}  # the evaluation's short spec names
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [*cls.RENAMED, "nproc", *_fields(FitConfig)]
+
     def __init__(self, num_classes: int, options: dict, seed: int):
         super().__init__(num_classes, {}, seed)
         options = dict(options)
         self.nproc = options.pop("nproc", 1)  # > 1: data-parallel training over local processes
         if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
             raise ValueError(f"nproc must be a positive int, got {self.nproc!r}")
-        self.config = _config(FitConfig, options, seed, self.name, self.RENAMED)
+        self.config = _config(VDS, FitConfig, options, seed, self.RENAMED)
         self.classifier: VDSClassifier | None = None
 
     def fit(self, features: Features, labels: Tensor, vocabulary: Vocabulary | None, progress: bool) -> None:
@@ -172,12 +185,16 @@ class VDSPlus(ZeroShot):
     needs_bases = True
     needs_vocabulary = True  # the vocabulary training candidate (off with vocabulary=false)
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return _fields(PlusConfig)
+
     def __init__(self, num_classes: int, options: dict, seed: int):
         super().__init__(num_classes, {}, seed)
         options = dict(options)
         for name in ("scales", "priors"):
             _tuple_option(options, name)
-        self.config = _config(PlusConfig, options, seed, self.name)
+        self.config = _config(VDSPlus, PlusConfig, options, seed)
         self.needs_vocabulary = self.config.vocabulary
         self.classifier: VDSPlusClassifier | None = None
 
@@ -191,8 +208,7 @@ class VDSPlus(ZeroShot):
         with tqdm(total=self.classifier.candidates_trained, desc="vds+ cross-validation", unit="candidate",
                   leave=False, disable=not progress) as bar:
             self.classifier.fit(features.reps, features.prior, labels, progress=bar)
-        # the (V, d) bases served the vocabulary training only
-        self.classifier.bases = self.classifier._unit_bases = None
+        self.classifier.drop_vocabulary()
 
     def probabilities(self, features: Features) -> Tensor:
         return self.classifier.probabilities(features.reps, features.prior)
@@ -233,9 +249,13 @@ class Probe(ZeroShot):
 
     needs_bases = False
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return _fields(ProbeConfig)
+
     def __init__(self, num_classes: int, options: dict, seed: int):
         super().__init__(num_classes, {}, seed)
-        self.probe = LinearProbe(num_classes, _config(ProbeConfig, options, seed, self.name))
+        self.probe = LinearProbe(num_classes, _config(Probe, ProbeConfig, options, seed))
 
     def fit(self, features: Features, labels: Tensor, vocabulary: Vocabulary | None, progress: bool) -> None:
         self.probe.fit(layered_features(features.reps), labels)
@@ -270,11 +290,4 @@ METHODS = {cls.name: cls for cls in (VDSPlus, VDS, Probe, ZeroShot)}
 
 def option_names(method: str) -> list[str]:
     """The options a method takes (its configuration's fields, and a few of its own)."""
-    cls = METHODS[method]
-    if cls is ZeroShot:
-        return []
-    if cls is Probe:
-        return [f.name for f in dataclasses.fields(ProbeConfig) if f.name != "seed"]
-    if cls is VDS:
-        return [*VDS.RENAMED, "nproc", *(f.name for f in dataclasses.fields(FitConfig) if f.name != "seed")]
-    return [f.name for f in dataclasses.fields(PlusConfig) if f.name != "seed"]
+    return METHODS[method].option_names()

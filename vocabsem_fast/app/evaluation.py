@@ -5,8 +5,8 @@ after the semantic clustering module (adjusted Rand index, kNN accuracy, a 2-D p
 Methods are named by a spec, ``name[:key=value...]``: ``vds``, ``vds:train=mm:predict=mm``,
 ``vds:train=sm-gt``, ``vds:attention=last``, ``icl:shots=8``, ``rag``, ``knn:k=3``,
 ``lora:epochs=3``, ``ia3``, ``probe`` (logistic regression on vds+'s features), and two
-untrained references, ``zeroshot`` (the LM head on the
-zero-shot prompt) and ``cosine`` (nearest label basis of the raw representation).
+untrained references, ``zeroshot`` (the LM head on the zero-shot prompt) and ``cosine``
+(nearest label basis of the raw representation).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class KeptClassifier:
     def __init__(self, **options):
         self.options = options
         # the options are checked now, before any model work (the model loads lazily)
-        probe = TextClassifier("{text}", {"a": "a", "b": "b"}, method=self.method, **options)
-        self.config = getattr(probe._estimator, "config", None)
-        self.precision = probe.precision
+        checked = TextClassifier("{text}", {"a": "a", "b": "b"}, method=self.method, **options)
+        self.config = getattr(checked._estimator, "config", None)
+        self.precision = checked.precision
         self.extraction_dtype: torch.dtype | None = None  # decided by fit, from the model's device
         self.text_classifier: TextClassifier | None = None
 

@@ -348,6 +348,10 @@ class VDSPlusClassifier:
     def predict(self, reps: Representations, prior: Tensor) -> Tensor:
         return self.probabilities(reps, prior).argmax(-1)
 
+    def drop_vocabulary(self) -> None:
+        """Free the (V, d) bases: they serve the vocabulary training only, never prediction."""
+        self.bases = self._unit_bases = None
+
     @property
     def candidates_trained(self) -> int:
         return len(self._candidates())
