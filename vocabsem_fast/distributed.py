@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_int
+from ._validation import check_int, debug_checks_enabled
 from .ops import check_cross_entropy_args
 from .ops import similarity_cross_entropy as _local_cross_entropy
 
@@ -73,11 +73,6 @@ _AGREED = ("N", "d", "dtype", "scale", "normalize", "ignore_index", "reduction",
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 _FINGERPRINTS = ("hidden", "targets")
-
-
-def debug_checks_enabled() -> bool:
-    """``VOCABSEM_DEBUG=1`` turns the cross-rank consistency check on by default."""
-    return os.environ.get("VOCABSEM_DEBUG", "0") not in ("", "0")
 
 
 def _status_device(group) -> torch.device:

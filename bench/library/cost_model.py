@@ -123,9 +123,11 @@ def fused_forward_split(s: Shape, gpu: Gpu, split: bool = True) -> list[Kernel]:
     flops = 2.0 * row_blocks * config["BLOCK_N"] * s.d * s.v  # a row block computes all its rows
     bytes_ = BF16 * (s.n * s.d * splits + row_blocks * s.v * s.d) + F32 * 4 * splits * s.n
     kernel = Kernel("fused forward", flops, bytes_, programs=programs)
-    # a launch with fewer programs than SMs uses only that many SMs' share of the GPU
-    kernel.flops *= gpu.sms / min(gpu.sms, programs)
-    kernel.bytes *= gpu.sms / min(gpu.sms, programs)
+    # the SMs run programs in waves: a launch uses programs / (waves x SMs) of the GPU (fewer
+    # programs than SMs leave some idle, a few more than a wave's add a nearly empty second one)
+    used = programs / (math.ceil(programs / gpu.sms) * gpu.sms)
+    kernel.flops /= used
+    kernel.bytes /= used
     return [kernel]
 
 

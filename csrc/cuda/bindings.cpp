@@ -129,7 +129,7 @@ void softmax_grad_tile(at::Tensor& scores, int64_t col0, double scale, const Opt
              "softmax_grad_tile");
 }
 
-std::vector<at::Tensor> topk_partial(at::Tensor& scores, double scale, const OptTensor& row_inv,
+std::vector<at::Tensor> topk_partial(const at::Tensor& scores, double scale, const OptTensor& row_inv,
                                      const OptTensor& col_inv, int64_t k, int64_t splits) {
   check_scores(scores);
   const int64_t rows = scores.size(0), cols = scores.size(1);
@@ -199,9 +199,9 @@ std::vector<at::Tensor> centroid_sums(const at::Tensor& points, const at::Tensor
   check_vector(labels, "labels", at::kLong, points.size(0));
   TORCH_CHECK(clusters >= 1, "clusters must be >= 1");
   const c10::cuda::CUDAGuard guard(points.device());
+  // checked on the device (no host sync): a bad label fails the stream's next synchronisation
   if (labels.numel() > 0) {
-    TORCH_CHECK(labels.min().item<int64_t>() >= 0 && labels.max().item<int64_t>() < clusters,
-                "labels must lie in [0, clusters)");
+    at::_assert_async(((labels >= 0) & (labels < clusters)).all(), "labels must lie in [0, clusters)");
   }
   auto sums = at::zeros({clusters, points.size(1)}, points.options().dtype(at::kFloat));
   auto counts = at::zeros({clusters}, points.options().dtype(at::kFloat));

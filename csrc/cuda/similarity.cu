@@ -226,7 +226,7 @@ __global__ void softmax_grad_tile_kernel(float* scores, int64_t cols, int64_t ld
 
 // --- running top-k --------------------------------------------------------------------------------
 
-__global__ void topk_partial_kernel(float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
+__global__ void topk_partial_kernel(const float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
                                     const float* row_inv, const float* col_inv, int k, float* values,
                                     int64_t* indices) {
   __shared__ float best[kMaxTopK];
@@ -234,26 +234,29 @@ __global__ void topk_partial_kernel(float* scores, int64_t rows, int64_t cols, i
   const int64_t r = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   int64_t begin, end;
   split_range(cols, split, splits, begin, end);
-  float* row = scores + r * ld;
+  const float* row = scores + r * ld;
   const float row_scale = scale * factor(row_inv, r);
   for (int i = threadIdx.x; i < k; i += blockDim.x) best[i] = -INFINITY, best_index[i] = -1;
   __syncthreads();
-  // the range's best entries, one at a time, kept sorted (equal values: the lower index first)
+  // The range's best entries one round at a time, in the total order (value descending, NaN
+  // first, ties by ascending index): each round takes the best entry that ranks after the
+  // previous round's pick. Nothing is marked in the scores, so a taken entry cannot come back
+  // (marking one -inf in the raw score came back as 0 where a scale factor was 0), and -inf
+  // entries are taken like any other value.
+  float last = NAN;
+  int64_t last_index = -1;  // ranks before every entry: round 0 may take anything
   for (int round = 0; round < k; ++round) {
     float value = -INFINITY;
     int64_t index = INT64_MAX;
     for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
       const float z = scaled(row[j], row_scale * factor(col_inv, j));
-      if (ranks_above(z, value)) value = z, index = j;  // taken entries are -inf: never again
+      const bool after_last = ranks_above(last, z) || (same_rank(last, z) && j > last_index);
+      if (after_last && (ranks_above(z, value) || (same_rank(z, value) && j < index))) value = z, index = j;
     }
     block_argmax(value, index);
     if (index == INT64_MAX) break;  // the range is exhausted (the same in every thread)
-    if (threadIdx.x == 0) {
-      best[round] = value;
-      best_index[round] = index;
-      row[index] = -INFINITY;
-    }
-    __syncthreads();
+    if (threadIdx.x == 0) best[round] = value, best_index[round] = index;
+    last = value, last_index = index;
   }
   __syncthreads();
   const int64_t out = (split * rows + r) * k;
@@ -465,9 +468,9 @@ cudaError_t softmax_grad_tile(float* scores, int64_t rows, int64_t cols, int64_t
   return cudaGetLastError();
 }
 
-cudaError_t topk_partial(float* scores, int64_t rows, int64_t cols, int64_t ld, float scale, const float* row_inv,
-                         const float* col_inv, int64_t k, int64_t splits, float* values, int64_t* indices,
-                         cudaStream_t stream) {
+cudaError_t topk_partial(const float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
+                         const float* row_inv, const float* col_inv, int64_t k, int64_t splits, float* values,
+                         int64_t* indices, cudaStream_t stream) {
   if (k < 1 || k > kMaxTopK || splits < 1 || splits > 65535) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const dim3 grid((unsigned)rows, (unsigned)splits);

@@ -54,11 +54,11 @@ cudaError_t normalization_backward(const void* x, DType dtype, const float* inv,
 
 // Partial top-k over `splits` column ranges per row (ranges as in lse_partial): block (r, s)
 // writes the k best (z as in lse_partial) of its range, sorted descending, to values / indices
-// [(s * rows + r) * k ...]; slots beyond the range's columns hold -inf / -1. The tile is scratch:
-// taken entries are overwritten. k <= kMaxTopK.
+// [(s * rows + r) * k ...]; slots beyond the range's columns hold -inf / -1. The tile is only read
+// (a zero scale factor cannot bring back an entry already taken). k <= kMaxTopK.
 constexpr int kMaxTopK = 64;
-cudaError_t topk_partial(float* scores, int64_t rows, int64_t cols, int64_t ld, float scale, const float* row_inv,
-                         const float* col_inv, int64_t k, int64_t splits, float* values, int64_t* indices,
+cudaError_t topk_partial(const float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
+                         const float* row_inv, const float* col_inv, int64_t k, int64_t splits, float* values, int64_t* indices,
                          cudaStream_t stream);
 
 // Batched soft assignment, fused: probs[b, n, :] = softmax_k(scale * cos(points[b, n], centroids[b, k]))

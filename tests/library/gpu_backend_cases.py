@@ -110,6 +110,16 @@ def test_topk(impl, k, dtype, shape):
     assert_error_bound(truth.gather(1, indices.cpu()), ref_values.double(), true_values, name="top-k indices",
                        slack=_slack(dt))
     assert bool((values[:, :-1] >= values[:, 1:]).all()), "top-k values are not sorted"
+    rows = indices.cpu().tolist()
+    assert all(len(set(row)) == k for row in rows), f"repeated top-k indices: {rows}"
+    # where a true score stands apart from its neighbours in the ranking by more than the kernel's
+    # rounding (scores of the inputs as rounded to dt, in float64), its rank holds the same index
+    top = ref.similarity_logits(h64.to(dt).double(), b64.to(dt).double(), scale=3.0).topk(k + 1, dim=1)
+    gaps = top.values[:, :-1] - top.values[:, 1:]
+    above = torch.cat([torch.full((n, 1), float("inf"), dtype=gaps.dtype), gaps[:, :-1]], dim=1)
+    apart = (gaps > 1e-3) & (above > 1e-3)
+    assert bool(apart.any()), "no rank stands apart: the index check would be empty"
+    assert torch.equal(indices.cpu()[apart], top.indices[:, :k][apart]), "top-k indices differ from the reference's"
     hard_idx, _ = vs.assign(h64.to(DEVICE, dt), b64.to(DEVICE, dt), hard=True, impl=impl)
     assert torch.equal(hard_idx.cpu(), indices[:, 0].cpu())
 
@@ -162,6 +172,11 @@ def test_nan_contract(impl, k):
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 def test_overflowing_norms_score_zero(impl):
     nan_and_overflow_cases.check_overflow_scores_zero(impl, DEVICE)
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_infinite_entries_give_nan_in_their_rows(impl):
+    nan_and_overflow_cases.check_infinite_entries(impl, DEVICE)
 
 
 def test_batched_triton_launches_in_chunks_match_the_reference(monkeypatch):

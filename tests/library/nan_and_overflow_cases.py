@@ -74,9 +74,53 @@ def check_overflow_scores_zero(impl: str, device: str, strip_plan: str = "auto")
                                ("bases grad", b.grad, rb.grad)):
         assert bool(torch.isfinite(actual).all()), f"{name}: not finite"
         assert_close(actual.cpu(), want.cpu(), rtol=1e-4, atol=1e-5, name=name)
-    values, _ = vf.similarity_topk(hidden, bases, 3, scale=7.0, impl=impl)
+    values, indices = vf.similarity_topk(hidden, bases, 3, scale=7.0, impl=impl)
     assert_close(values.cpu(), ref.similarity_topk(hidden, bases, 3, scale=7.0)[0].cpu(), rtol=1e-4, atol=1e-5,
                  name="top-k values")
+    for r, row in enumerate(indices.cpu().tolist()):  # rows 1 and 5 score 0 everywhere: still 3 columns
+        assert len(set(row)) == 3 and all(0 <= j < 33 for j in row), f"top-k row {r}: indices {row}"
     probs = vf.assign(hidden[None], bases[None, :9], temperature=0.5, impl=impl)
     assert_close(probs.cpu(), ref.assign(hidden[None], bases[None, :9], temperature=0.5).cpu(), rtol=1e-4,
                  atol=1e-5, name="soft assignment")
+
+
+def check_infinite_entries(impl: str, device: str) -> None:
+    """An infinite entry normalises its row to NaN (x / |x| = inf / inf): the loss of a hidden row
+    holding one is NaN, and a basis holding one makes every row's loss NaN, as in the reference;
+    gradients are NaN in the same rows; top-k values of such a row are NaN. The other rows of a
+    hidden-only case stay finite and match."""
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(6, 10, generator=g)
+    bases = torch.randn(45, 10, generator=g)
+    targets = torch.tensor([3, 0, 44, 7, -100, 12])
+    hidden[1, 4] = float("inf")
+    hidden[3, 0] = float("-inf")
+    for case, (h0, b0) in {"hidden rows": (hidden, bases), "a basis": (hidden.nan_to_num(posinf=1.0, neginf=-1.0),
+                                                                       _with(bases, (20, 5), float("-inf")))}.items():
+        got, want = {}, {}
+        for name, out, fn in (("fused", got, lambda x, y: vf.similarity_cross_entropy(
+                x, y, targets.to(device), scale=5.0, reduction="none", impl=impl)),
+                ("reference", want, lambda x, y: ref.similarity_cross_entropy(x, y, targets.to(device), scale=5.0,
+                                                                             reduction="none"))):
+            h, b = leaf(h0.to(device)), leaf(b0.to(device))
+            loss = fn(h, b)
+            loss.sum().backward()
+            out.update(loss=loss.detach().cpu(), dh=h.grad.cpu(), db=b.grad.cpu())
+        for part in ("loss", "dh", "db"):
+            nan_got = got[part].isnan() if part == "loss" else got[part].isnan().any(-1)
+            nan_want = want[part].isnan() if part == "loss" else want[part].isnan().any(-1)
+            assert torch.equal(nan_got, nan_want), f"{impl} {case} {part}: NaN at {nan_got.tolist()}, " \
+                                                   f"the reference at {nan_want.tolist()}"
+        finite = ~want["loss"].isnan()
+        assert_close(got["loss"][finite], want["loss"][finite], rtol=1e-4, atol=1e-5, name=f"{case}: finite rows")
+    values, indices = vf.similarity_topk(hidden.to(device), bases.to(device), 4, scale=5.0, impl=impl)
+    values = values.cpu()
+    assert bool(values[[1, 3]].isnan().all()), f"{impl}: top-k of rows holding inf must be NaN, got {values[[1, 3]]}"
+    assert bool(values[[0, 2, 4, 5]].isfinite().all())
+    assert all(len(set(row)) == 4 for row in indices.cpu().tolist()), "top-k indices repeat"
+
+
+def _with(x, at, value):
+    x = x.clone()
+    x[at] = value
+    return x

@@ -31,7 +31,8 @@ def test_decoding_fills_the_gpu_only_with_vocabulary_splits():
         for gpu in (cm.H200, cm.A100):
             split = cm.fused_forward_split(shape, gpu, split=True)[0]
             single = cm.fused_forward_split(shape, gpu, split=False)[0]
-            assert split.programs >= gpu.sms and single.programs < gpu.sms
+            # one wave, nearly full: at least 90% of the SMs busy, none with a second program
+            assert 0.9 * gpu.sms <= split.programs <= gpu.sms and single.programs < gpu.sms
             assert split.seconds(gpu) * 20 < single.seconds(gpu)
 
 

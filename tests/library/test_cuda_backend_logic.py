@@ -7,12 +7,15 @@ operator tests, parametrised over every available backend, then include "cuda").
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from vocabsem_fast.backends import cuda as cuda_module
 from vocabsem_fast.backends.chunked import TorchBackend
 from vocabsem_fast.backends.cuda import CudaBackend
+from vocabsem_fast.gpu_geometry import finish_time
 from vocabsem_fast.options import LossOptions, SimilarityOptions
 
 from helpers import assert_matches, make, make_targets
@@ -20,6 +23,34 @@ from helpers import assert_matches, make, make_targets
 
 def _f(x, n):
     return torch.ones(n) if x is None else x
+
+
+def _ranks_above(a: float, b: float) -> bool:
+    return (math.isnan(a) and not math.isnan(b)) or a > b
+
+
+def _same_rank(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def topk_rounds(row: list[float], begin: int, end: int, k: int) -> list[tuple[float, int]]:
+    """topk_partial_kernel's selection loop, line for line, one thread: each round takes the best
+    entry of [begin, end) that ranks after the previous round's pick (value descending, NaN
+    first, ties by ascending index); nothing is marked in the scores."""
+    picks: list[tuple[float, int]] = []
+    last, last_index = math.nan, -1
+    for _ in range(k):
+        value, index = -math.inf, None
+        for j in range(begin, end):
+            z = row[j]
+            after_last = _ranks_above(last, z) or (_same_rank(last, z) and j > last_index)
+            if after_last and (_ranks_above(z, value) or (_same_rank(z, value) and (index is None or j < index))):
+                value, index = z, j
+        if index is None:
+            break
+        picks.append((value, index))
+        last, last_index = value, index
+    return picks
 
 
 class KernelModel:
@@ -44,7 +75,9 @@ class KernelModel:
 
     @staticmethod
     def _z(scores, scale, row_inv, col_inv):
-        return scores * scale * _f(row_inv, scores.shape[0])[:, None] * _f(col_inv, scores.shape[1])[None, :]
+        """``scaled()``: a zero factor (an overflowed norm) gives 0 even where the raw score is inf."""
+        factor = scale * _f(row_inv, scores.shape[0])[:, None] * _f(col_inv, scores.shape[1])[None, :]
+        return torch.where(factor == 0, 0.0, scores * factor)
 
     @staticmethod
     def _ranges(cols, splits):
@@ -92,10 +125,9 @@ class KernelModel:
         values = torch.full((splits, rows, k), float("-inf"))
         indices = torch.full((splits, rows, k), -1, dtype=torch.long)
         for s, (c0, c1) in enumerate(self._ranges(cols, splits)):
-            taken = min(k, c1 - c0)
-            if taken > 0:
-                best, where = z[:, c0:c1].topk(taken, dim=1)
-                values[s, :, :taken], indices[s, :, :taken] = best, where + c0
+            for r in range(rows):
+                for slot, (value, j) in enumerate(topk_rounds(z[r].tolist(), c0, c1, k)):
+                    values[s, r, slot], indices[s, r, slot] = value, j
         return values, indices
 
     def cuda_soft_assign_forward(self, points, centroids, inv_p, inv_c, scale):
@@ -129,9 +161,11 @@ def backends_pair(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 8, 64, 2048])
 @pytest.mark.parametrize("cols", [32000, 128256, 256000])
 @pytest.mark.parametrize("sms", [132, 108])
-def test_vocabulary_splits_give_every_sm_a_block(rows, cols, sms):
+def test_vocabulary_splits_fill_one_wave(rows, cols, sms):
     splits = cuda_module.vocabulary_splits(rows, cols, sms)
-    assert rows * splits >= sms
+    if rows < sms:  # at most one block per SM, and as soon done as an even split over the SMs
+        assert rows * splits <= sms
+        assert finish_time(rows, cols, splits, sms) <= -(-cols // (sms // rows))
     assert -(-cols // splits) >= cuda_module.MIN_SPLIT_COLUMNS - 1 or splits == 1
     if rows >= sms:
         assert splits == 1
@@ -199,3 +233,42 @@ def test_batched_hard_assignment_orchestration(backends_pair, normalize):
     ref_indices, ref_scores = chunked.batched_argmax(points, centroids, sim)
     assert_matches(scores, ref_scores, tol=1e-5, name="scores")
     assert torch.equal(indices, ref_indices)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_topk_rounds_take_each_entry_once(k):
+    """All-equal scores (a zero scale factor makes a whole row 0), -inf and NaN entries: the
+    selection takes distinct columns in torch.topk's order (NaN first, ties by index)."""
+    rows = [[0.0] * 9, [float("-inf")] * 9, [1.0, float("nan"), 1.0, float("-inf"), 2.0, float("nan"), 0.0, 1.0, 0.0]]
+    for row in rows:
+        picks = topk_rounds(row, 0, 9, k)
+        taken = [j for _, j in picks]
+        assert len(taken) == k and len(set(taken)) == k, f"row {row}: took {taken}"
+        expected = sorted(range(9), key=lambda j: (not math.isnan(row[j]), -row[j] if not math.isnan(row[j]) else 0, j))
+        assert taken == expected[:k]
+    assert topk_rounds([3.0, 1.0], 0, 2, 5) == [(3.0, 0), (1.0, 1)]  # a short range: fewer than k
+
+
+def test_overflowing_rows_and_bases_orchestration(backends_pair):
+    """Rows and bases whose norms overflow score 0 (never NaN from inf x 0): the loss, its
+    gradients, top-k (distinct indices on the all-zero rows) and the batched hard assignment."""
+    fused, chunked = backends_pair
+    h, b = make(13, 9), make(60, 9)
+    h[[2, 7]] *= 1e30
+    b[[0, 33]] *= 1e30
+    t = make_targets((13,), 60)
+    sim = SimilarityOptions(5.0, True)
+    loss, lse, _, _ = fused.cross_entropy(h, b, t, sim, LossOptions(), None, False, False)
+    ref_loss, ref_lse, _, _ = chunked.cross_entropy(h, b, t, sim, LossOptions())
+    assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(lse).all())
+    assert_matches(loss, ref_loss, tol=1e-5, name="loss")
+    values, indices = fused.topk(h, b, 5, sim)
+    assert bool(torch.isfinite(values).all())
+    for r in range(13):
+        assert len(set(indices[r].tolist())) == 5, f"row {r}: repeated indices {indices[r].tolist()}"
+    assert bool((values[[2, 7]] == 0).all())
+    assert indices[2].tolist() == list(range(5))  # all scores 0: the first columns, as torch.topk's ties go
+    hard, scores = fused.batched_argmax(h[None], b[None], sim)
+    ref_hard, ref_scores = chunked.batched_argmax(h[None], b[None], sim)
+    assert bool(torch.isfinite(scores).all())
+    assert_matches(scores, ref_scores, tol=1e-5, name="batched hard scores")

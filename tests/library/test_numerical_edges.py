@@ -88,6 +88,11 @@ def test_nan_in_hard_assignment(impl):
     nan_and_overflow_cases.check_nan_hard_assignment(impl, "cpu")
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_infinite_entries_give_nan_in_their_rows(impl):
+    nan_and_overflow_cases.check_infinite_entries(impl, "cpu")
+
+
 @pytest.mark.parametrize("strip_plan", ["rows", "columns"])
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_overflowing_norms_score_zero_not_nan(impl, strip_plan):

@@ -17,11 +17,13 @@ extra memory is bounded by the tile and O(N + V) vectors, plus gradient-sized ac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+from .._validation import host_reads_are_free
 from ..options import LossOptions, SimilarityOptions, accumulate_dtype
 from .interface import FLOATING, OPS, Backend, Capabilities
 from .normalization import inverse_norms, normalization_backward
@@ -181,7 +183,7 @@ class TorchBackend(Backend):
             # the one-hot part of each row's gradient, built in the accumulation dtype (float64 stays exact)
             target_weight = torch.full((r1 - r0,), 1.0 - ls, dtype=acc, device=hidden.device)
             dhs = torch.zeros_like(hs) if need_hidden else None
-            residual = self._lse_residual(hs, b, v, lse[r0:r1])
+            residual = self._lse_residual(hs, b, v, lse[r0:r1], sim)
             for c0, c1 in column_chunks(r1 - r0, v):
                 bn = b.rows(c0, c1)
                 z = hs @ bn.T
@@ -202,13 +204,23 @@ class TorchBackend(Backend):
         return dh, self._bases_grad(dbn, b, bases) if need_bases else None
 
     @staticmethod
-    def _lse_residual(hs: Tensor, b: RowNormalizer, v: int, lse: Tensor) -> Tensor | None:
+    def _lse_may_be_large(lse: Tensor, sim: SimilarityOptions, v: int) -> bool:
+        """Whether some |lse| may pass LARGE_LSE: known from the options for cosine logits
+        (|lse| <= |scale| + log V), read from the data where that is free, assumed elsewhere (one
+        more pass rather than a host sync)."""
+        if sim.normalize and abs(sim.scale) + math.log(v) <= LARGE_LSE:
+            return False
+        return bool((lse.abs() > LARGE_LSE).any()) if host_reads_are_free(lse) else True
+
+    @classmethod
+    def _lse_residual(cls, hs: Tensor, b: RowNormalizer, v: int, lse: Tensor,
+                      sim: SimilarityOptions) -> Tensor | None:
         """The error of a float32 log-sum-exp, or None where it is negligible. Stored in float32 it
         is off by up to half an ulp of itself (3e-5 at 1e3: raw dot-product logits), and that error
         enters every softmax entry of the backward; one more pass over the chunks sums exp(z - lse),
         whose log is the error, precisely (the sum is 1 to 1e-5). The softmax is then
         exp((z - lse) - residual), with no rounding of lse + residual in between."""
-        if lse.dtype != torch.float32 or not bool((lse.abs() > LARGE_LSE).any()):
+        if lse.dtype != torch.float32 or not cls._lse_may_be_large(lse, sim, v):
             return None
         total = torch.zeros_like(lse)
         for c0, c1 in column_chunks(hs.shape[0], v):

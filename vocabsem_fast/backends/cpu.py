@@ -48,6 +48,8 @@ class CpuStripKernels(TorchNormalization):
     scores stay bf16 (rounded once, as the naive bf16 path rounds its logits) and the epilogue
     widens them a row at a time. fp16 has no native CPU GEMM here and runs in float32."""
 
+    epilogue_zeroes_zero_scales = False  # the orchestration finds such rows: a free read on the CPU
+
     def __init__(self, ext):
         self.ext = ext
 

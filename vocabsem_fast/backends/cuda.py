@@ -16,20 +16,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..gpu_geometry import balanced_splits, sm_count
 from ..options import SimilarityOptions
 from .chunked import TorchBackend
 from .interface import Backend, Capabilities
-from .strips import AtenGemms, bmm_f32, merge_topk, mm_f32, sm_count, strip_cross_entropy
+from .strips import AtenGemms, bmm_f32, merge_topk, mm_f32, strip_cross_entropy
 
 STRIP_ELEMENTS = 1 << 27  # fp32 scores per strip: 512 MiB
 MIN_SPLIT_COLUMNS = 128  # a vocabulary split gives each of a block's 256 threads at least half a column
 
 
 def vocabulary_splits(rows: int, cols: int, sms: int) -> int:
-    """Column ranges per row for the log-sum-exp and top-k kernels (grid rows x splits): enough
-    for one block per SM when the rows alone are fewer, none narrower than MIN_SPLIT_COLUMNS."""
-    wanted = -(-sms // max(rows, 1))
-    return max(1, min(wanted, cols // MIN_SPLIT_COLUMNS, 65535))
+    """Column ranges per row for the log-sum-exp and top-k kernels (grid rows x splits): as many
+    as finish soonest on ``sms`` SMs with few rows (``gpu_geometry.balanced_splits``), none
+    narrower than MIN_SPLIT_COLUMNS, at most 65535 (grid axis 1)."""
+    return balanced_splits(rows, cols, sms, max(1, min(cols // MIN_SPLIT_COLUMNS, 65535)))
 
 
 class CudaStripKernels(AtenGemms):
@@ -98,9 +99,10 @@ class CudaBackend(Backend):
         values = torch.full((n, k), float("-inf"), dtype=torch.float32, device=h.device)
         indices = torch.full((n, k), -1, dtype=torch.int64, device=h.device)
         rows_per_strip = max(1, STRIP_ELEMENTS // max(v, 1))
+        strip = torch.empty(min(n, rows_per_strip), v, dtype=torch.float32, device=h.device)
         for r0 in range(0, n, rows_per_strip):
             r1 = min(n, r0 + rows_per_strip)
-            scores = mm_f32(h[r0:r1], b.T)
+            scores = mm_f32(h[r0:r1], b.T, out=strip[:r1 - r0])  # one strip buffer, written by the GEMM
             splits = vocabulary_splits(r1 - r0, v, sm_count(h.device))
             part_v, part_i = self.ext.cuda_topk_partial(scores, sim.scale, None if inv_h is None else inv_h[r0:r1],
                                                         inv_b, k, splits)
@@ -122,8 +124,9 @@ class CudaBackend(Backend):
         for r0 in range(0, n, rows_per_strip):
             r1 = min(n, r0 + rows_per_strip)
             tile = bmm_f32(p[:, r0:r1], c.transpose(1, 2))  # (B, R, K)
-            if inv_p is not None:
-                tile.mul_(inv_p.view(batch, n)[:, r0:r1, None]).mul_(inv_c.view(batch, k)[:, None, :])
+            if inv_p is not None:  # a zero factor (an overflowed norm) scores 0, even where the raw score is inf
+                factor = inv_p.view(batch, n)[:, r0:r1, None] * inv_c.view(batch, k)[:, None, :]
+                tile.mul_(factor).masked_fill_(factor == 0, 0.0)
             flat = tile.view(batch * (r1 - r0), k)
             splits = vocabulary_splits(flat.shape[0], k, sm_count(p.device))
             part_v, part_i = self.ext.cuda_topk_partial(flat, sim.scale, None, None, 1, splits)

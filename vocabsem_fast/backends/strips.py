@@ -28,7 +28,7 @@ the norm kernels) is a ``StripKernels`` object; the orchestration below is the s
 
 from __future__ import annotations
 
-import functools
+import logging
 from typing import Protocol
 
 import torch
@@ -49,6 +49,12 @@ MIN_ACCUMULATING_ROWS = 256
 
 class StripKernels(Protocol):
     """The device-specific pieces of the strip algorithm."""
+
+    # Whether the epilogue makes a logit 0 wherever its scale factor is 0 (an overflowed norm)
+    # whatever the raw score (0 x inf would be NaN). Where it does not, the orchestration clears
+    # those rows and columns of each tile, and finding them reads data on the host: only kernels
+    # that run on the CPU may leave it to the orchestration.
+    epilogue_zeroes_zero_scales: bool
 
     def score_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the scores of ``dtype`` inputs are kept in (the accumulation dtype or narrower)."""
@@ -167,7 +173,8 @@ def strip_cross_entropy(kernels: StripKernels, hidden: Tensor, bases: Tensor, ta
     inv_b = kernels.inverse_norms(bases, sim.eps) if sim.normalize else None
     row_scale = inv_h * sim.scale if inv_h is not None else torch.full((n,), sim.scale, **f)
     tile_weight = weight.to(acc) * sim.scale if need_grad else None  # the scale of d z / d(normalised rows)
-    scaled = _Scaled(hidden, bases, targets, inv_h, inv_b, row_scale, tile_weight, sim, loss)
+    scaled = _Scaled(hidden, bases, targets, inv_h, inv_b, row_scale, tile_weight, sim, loss,
+                     find_zero_scales=not kernels.epilogue_zeroes_zero_scales)
 
     budget = _Budget(kernels, n, v, d, hidden.dtype, need_hidden, need_bases, workspace_bytes)
     plan = choose_plan(kernels, budget) if need_grad else "rows"
@@ -196,7 +203,8 @@ def _zero_positions(inverse: Tensor | None) -> Tensor | None:
 class _Scaled:
     """One call's inputs with their scales, as both plans read them."""
 
-    def __init__(self, hidden, bases, targets, inv_h, inv_b, row_scale, tile_weight, sim, loss):
+    def __init__(self, hidden, bases, targets, inv_h, inv_b, row_scale, tile_weight, sim, loss, *,
+                 find_zero_scales: bool):
         self.hidden, self.bases, self.targets = hidden, bases, targets
         self.inv_h, self.inv_b, self.row_scale, self.tile_weight = inv_h, inv_b, row_scale, tile_weight
         self.sim, self.loss = sim, loss
@@ -204,9 +212,9 @@ class _Scaled:
         # Rows or bases whose norm overflows have inverse norm 0: F.normalize makes them 0, so their
         # scores are 0, where a raw product that overflowed would give 0 x inf = NaN. (While both
         # norms are finite no dot product of theirs overflows: |h . b| <= |h| |b|.) Rare: found
-        # once per call, and only then cleared tile by tile.
-        self.overflow_rows = _zero_positions(inv_h)
-        self.overflow_cols = _zero_positions(inv_b)
+        # once per call, and only then cleared tile by tile, unless the epilogue does it.
+        self.overflow_rows = _zero_positions(inv_h) if find_zero_scales else None
+        self.overflow_cols = _zero_positions(inv_b) if find_zero_scales else None
 
     def scores(self, kernels, r0: int, r1: int, c0: int, c1: int, out: Tensor) -> None:
         """out <- the raw scores of rows [r0, r1) against bases [c0, c1)."""
@@ -327,36 +335,58 @@ def _column_plan(kernels: ChunkKernels, x: _Scaled, need_hidden: bool, need_base
 
 # --- GEMMs with fp32 accumulation through ATen (cuBLAS on a GPU), shared by the GPU backends -----
 
+logger = logging.getLogger("vocabsem_fast")
+
+# Which path each GEMM took, by "op device dtype": "out_dtype" (cuBLAS reads bf16 / fp16 and
+# writes fp32 straight into the result) or "upcast" (the inputs copied to fp32 first: where
+# ATen has no out_dtype= kernel, as on the CPU). The first use of each is logged, a GPU's upcast
+# as a warning (it copies the bases each call); bench/gpu_check.py reports the table.
+GEMM_PATHS: dict[str, str] = {}
+
+
+def _fp32_result(name: str, a: Tensor, native, upcast):
+    key = f"{name} {a.device.type} {str(a.dtype).removeprefix('torch.')}"
+    if GEMM_PATHS.get(key) != "upcast":
+        try:
+            result = native()
+            if key not in GEMM_PATHS:
+                GEMM_PATHS[key] = "out_dtype"
+                logger.info("%s: fp32 results through out_dtype=", key)
+            return result
+        except (TypeError, RuntimeError) as error:  # a torch or device without the out_dtype= kernel
+            GEMM_PATHS[key] = "upcast"
+            (logger.warning if a.device.type == "cuda" else logger.info)(
+                "%s: no out_dtype= GEMM here (%s); the inputs are upcast to fp32", key, str(error).splitlines()[0])
+    return upcast()
+
+
 def mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """a @ b with an fp32 result (fp32 accumulation in cuBLAS for bf16 / fp16 inputs)."""
+    """a @ b with an fp32 result (fp32 accumulation in cuBLAS for bf16 / fp16 inputs), written
+    into ``out`` when given (no temporary of the result's size)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    try:
-        result = torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):  # a torch (or device) without mm(out_dtype=): upcast
-        result = torch.mm(a.float(), b.float())
-    return result if out is None else out.copy_(result)
+    if out is None:
+        return _fp32_result("mm", a, lambda: torch.mm(a, b, out_dtype=torch.float32),
+                            lambda: torch.mm(a.float(), b.float()))
+    return _fp32_result("mm", a, lambda: torch.mm(a, b, out_dtype=torch.float32, out=out),
+                        lambda: torch.mm(a.float(), b.float(), out=out))
 
 
 def bmm_f32(a: Tensor, b: Tensor) -> Tensor:
     """Batched a @ b with an fp32 result."""
     if a.dtype == torch.float32:
         return torch.bmm(a, b)
-    try:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return torch.bmm(a.float(), b.float())
+    return _fp32_result("bmm", a, lambda: torch.bmm(a, b, out_dtype=torch.float32),
+                        lambda: torch.bmm(a.float(), b.float()))
 
 
 def add_mm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b into an fp32 accumulator without an (m, n) temporary where torch allows."""
+    """acc += a @ b into an fp32 accumulator without an (m, n) temporary."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    try:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    except (TypeError, RuntimeError):
-        acc += mm_f32(a, b)
+    _fp32_result("addmm", a, lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc),
+                 lambda: acc.addmm_(a.float(), b.float()))
 
 
 class TorchNormalization:
@@ -372,20 +402,12 @@ class TorchNormalization:
         return normalization_backward(x, inv, grad, eps, grad_times_inv=grad_times_inv, out=out)
 
 
-H200_SMS = 132  # the SM count assumed where no GPU is asked (the interpreter, tests of the geometry)
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (an H200's 132 where there is no GPU to ask)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return H200_SMS
-
-
 class AtenGemms:
     """The three GEMMs of the strip algorithm on a GPU: inputs in their own dtype (tensor cores
-    for bf16 / fp16), fp32 results; the gradient tile is cast to the inputs' dtype for its GEMMs."""
+    for bf16 / fp16), fp32 results; the gradient tile is cast to the inputs' dtype for its GEMMs.
+    The GPU epilogues zero the logits of zero scales themselves (no host read)."""
+
+    epilogue_zeroes_zero_scales = True
 
     def score_dtype(self, dtype):
         return accumulate_dtype(dtype)

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.strips import merge_topk, sm_count
+from ..backends.strips import merge_topk
+from ..gpu_geometry import balanced_splits, sm_count
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -191,6 +192,17 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
 
 
 @triton.jit
+def _epilogue_logits(raw, row_scale, col_scale_ptr, cols, mask, COL_SCALE: tl.constexpr):
+    """Raw strip scores times their row and column scales; a zero scale (an overflowed norm)
+    gives 0 whatever the raw score, as in ``_scaled``."""
+    z = tl.where(row_scale == 0, 0.0, raw * row_scale)
+    if COL_SCALE:
+        col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        z = tl.where(col_scale == 0, 0.0, z * col_scale)
+    return z
+
+
+@triton.jit
 def _strip_epilogue_kernel(s_ptr, ld, row_scale_ptr, col_scale_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr,
                            V, ignore_index, smoothing,
                            COL_SCALE: tl.constexpr, SMOOTH: tl.constexpr, GRAD: tl.constexpr,
@@ -208,9 +220,7 @@ def _strip_epilogue_kernel(s_ptr, ld, row_scale_ptr, col_scale_ptr, t_ptr, w_ptr
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        z = tl.load(base + cols, mask=mask, other=0.0) * rs
-        if COL_SCALE:
-            z = z * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        z = _epilogue_logits(tl.load(base + cols, mask=mask, other=0.0), rs, col_scale_ptr, cols, mask, COL_SCALE)
         lane_target += tl.where(cols == target, z, 0.0)
         if SMOOTH:
             lane_logits += tl.where(mask, z, 0.0)
@@ -232,11 +242,11 @@ def _strip_epilogue_kernel(s_ptr, ld, row_scale_ptr, col_scale_ptr, t_ptr, w_ptr
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = cols < V
-            z = tl.load(base + cols, mask=mask, other=0.0) * rs
+            z = _epilogue_logits(tl.load(base + cols, mask=mask, other=0.0), rs, col_scale_ptr, cols, mask,
+                                 COL_SCALE)
             col_scale = 1.0
             if COL_SCALE:
                 col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
-                z = z * col_scale
             g = tl.exp(z - lse) - smoothing / V
             g -= tl.where(cols == target, 1.0 - smoothing, 0.0)
             g = tl.where(w == 0.0, 0.0, g * w * col_scale)  # a zero weight (ignored row) gives zeros, NaN or not
@@ -281,13 +291,14 @@ def topk_config(n: int, dtype: torch.dtype = torch.bfloat16) -> dict:
 def split_grid(n: int, v: int, block_n: int, block_v: int, sms: int) -> tuple[tuple[int, int], int]:
     """((row blocks, vocabulary splits), columns per split) for a kernel over (row block, split).
 
-    Splits are added until there are at least ``sms`` programs (one per SM), each split a whole
-    number of BLOCK_V columns; a split never holds less than one block. With many rows (training
-    shapes) one split per row block already fills the GPU."""
+    Few row blocks split the vocabulary, each split a whole number of BLOCK_V columns, as many
+    splits as finish soonest on ``sms`` SMs (``gpu_geometry.balanced_splits``: one wave, not a
+    second one for a few programs). With many rows (training shapes) one split per row block
+    already fills the GPU."""
     row_blocks = max(1, triton.cdiv(n, block_n))
     v_blocks = max(1, triton.cdiv(v, block_v))
-    wanted = min(v_blocks, max(1, triton.cdiv(sms, row_blocks)))
-    split_cols = max(1, v_blocks // wanted) * block_v  # floor: at least ``wanted`` splits
+    splits = balanced_splits(row_blocks, v_blocks, sms)
+    split_cols = triton.cdiv(v_blocks, splits) * block_v
     return (row_blocks, triton.cdiv(v, split_cols)), split_cols
 
 
