@@ -1,9 +1,10 @@
 """Builds the private extension ``vocabsem_fast._C`` from ``csrc/``.
 
 C++ (ATen + OpenMP) is always built. CUDA sources under ``csrc/cuda`` are added only when the
-installed torch has CUDA and nvcc is found (or ``VOCABSEM_FORCE_CUDA=1``); a CPU-only install
-never needs them. ``VOCABSEM_NO_EXTENSION=1`` skips the extension entirely (the pure-torch
-backend still works).
+installed torch has CUDA and nvcc is found (or ``VOCABSEM_FORCE_CUDA=1``; ``VOCABSEM_NO_CUDA=1``
+leaves them out, as the GPU check's fallback build does); a CPU-only install never needs them.
+``VOCABSEM_CUDA_ARCHS`` (default ``80;90``) names the architectures built. ``VOCABSEM_NO_EXTENSION=1``
+skips the extension entirely (the pure-torch backend still works).
 """
 
 import glob
@@ -21,6 +22,8 @@ def _sources(pattern: str) -> list[str]:
 
 
 def _want_cuda() -> bool:
+    if os.environ.get("VOCABSEM_NO_CUDA") == "1":
+        return False
     if os.environ.get("VOCABSEM_FORCE_CUDA") == "1":
         return True
     import torch

@@ -4,10 +4,16 @@ Run on a CUDA machine after ``bench/gpu_check.sh`` has built the package (it cal
 
     python bench/library/gpu_check.py --out bench/results/gpu-check.json [--quick]
 
+``--rehearse`` runs every step without a GPU, as ``bench/gpu_check.sh --rehearse`` does: the GPU
+tests under the Triton interpreter, NCCL's step on gloo, the benchmarks on tiny CPU shapes (their
+figures mean nothing; the run shows that each step starts, ends and reports within its budget).
+
 1. Correctness: ``tests/library/gpu_backend_cases.py`` on the GPU for the triton and cuda backends
    (fp32, bf16 and fp16, odd shapes, reductions, label smoothing, gradients, few rows over many
-   vocabulary splits, top-k, hard and soft assignment); with ``--cpu-suite`` also the CPU test suite (without the
-   real-model tests).
+   vocabulary splits, top-k values and indices, hard and soft assignment) and
+   ``tests/library/test_host_syncs.py`` (no op synchronises: ``torch.cuda.set_sync_debug_mode``);
+   with ``--cpu-suite`` also the CPU test suite (without the real-model tests). The project's
+   pytest ``addopts`` are overridden (they need pytest-benchmark, which a bare machine may lack).
 2. Benchmarks of the similarity cross-entropy, forward, backward and both, bf16, at
    N = 8192 and 16384, d = 4096, V = 128256 (Llama-3), N = 2048, d = 576, V = 49152 (SmolLM2) and
    N = 8192, d = 2304, V = 256000 (Gemma-2),
@@ -24,19 +30,23 @@ The whole run keeps to 8 minutes (``VOCABSEM_GPU_CHECK_SECONDS``): each step has
 a step that would start too late is skipped and named in the results, and the JSON is written
 after every step.
 
-Results go to one JSON file and a table printed last. Contenders whose package is missing are
+``torch.compile`` of the reference is compiled once (dynamic shapes) and warmed on a small shape
+in both modes before any timing. Which GEMM path the GPU strips took (``out_dtype=`` or an
+upcast) is recorded. Results go to one JSON file and a table printed last. Contenders whose package is missing are
 listed with the reason, never silently dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -65,15 +75,44 @@ class Budget:
 BUDGET = Budget(float(os.environ.get("VOCABSEM_GPU_CHECK_SECONDS", "480")))  # 8 minutes in all
 
 
+class Machine:
+    """Where the steps run: the GPU, or (rehearsal) the CPU with tiny shapes and wall-clock timing."""
+
+    def __init__(self, rehearse: bool):
+        self.rehearse = rehearse
+        self.device = "cpu" if rehearse else "cuda"
+        # (N, d, V) of the cross-entropy benchmarks; the decoding head; the assignment sizes
+        self.shapes = [(64, 32, 1000), (16, 24, 777)] if rehearse else [
+            (8192, 4096, 128256), (2048, 576, 49152), (8192, 2304, 256000), (16384, 4096, 128256)]
+        self.head = (1001, 32) if rehearse else (128256, 4096)
+        self.assignment = (5000, 64, 24) if rehearse else (1_000_000, 1024, 576)
+
+    def sync(self) -> None:
+        if not self.rehearse:
+            torch.cuda.synchronize()
+
+    def empty_cache(self) -> None:
+        if not self.rehearse:
+            torch.cuda.empty_cache()
+
+
+MACHINE = Machine(rehearse=False)
+
+
 def correctness(cpu_suite: bool) -> dict:
     runs = {}
-    commands = {"gpu_backend_cases": [sys.executable, "-m", "pytest", "-q", "tests/library/gpu_backend_cases.py"]}
+    # the project's addopts need pytest-benchmark, which a bare GPU machine may not have
+    pytest = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=-ra", "-p", "no:cacheprovider"]
+    commands = {"gpu_backend_cases": pytest + ["tests/library/gpu_backend_cases.py"],
+                "host_syncs": pytest + ["tests/library/test_host_syncs.py"]}
     if cpu_suite:  # the CPU suite must stay green on a GPU machine too (a few minutes more)
-        commands["cpu_suite"] = [sys.executable, "-m", "pytest", "-q", "-x", "tests", "-m", "not real_model"]
+        commands["cpu_suite"] = pytest + ["-x", "tests", "-m", "not real_model"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if MACHINE.rehearse else None
     for name, cmd in commands.items():
         start = time.time()
         try:
-            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=BUDGET.timeout(240))
+            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=BUDGET.timeout(240),
+                                    env=env)
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             runs[name] = {"returncode": 124, "summary": f"timed out after {exc.timeout:.0f} s",
@@ -90,10 +129,9 @@ def correctness(cpu_suite: bool) -> dict:
 
 
 def nccl_check() -> dict:
-    """The vocabulary-parallel loss on NCCL (one rank: this machine has one GPU) against the
-    single-process op on CUDA tensors, bf16 and fp32."""
-    import os
-
+    """The vocabulary-parallel loss on NCCL (one rank: this machine has one GPU; gloo on the CPU in
+    a rehearsal) against the single-process op, bf16 and fp32. A group that cannot form fails
+    within its timeout instead of hanging the run."""
     import torch.distributed as dist
 
     import vocabsem_fast as vs
@@ -101,13 +139,14 @@ def nccl_check() -> dict:
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
-    out = {}
+    device = MACHINE.device
+    out = {"backend": "gloo" if MACHINE.rehearse else "nccl"}
     try:
-        dist.init_process_group("nccl", rank=0, world_size=1)
+        dist.init_process_group(out["backend"], rank=0, world_size=1, timeout=timedelta(seconds=60))
         for dtype in (torch.float32, torch.bfloat16):
-            h = torch.randn(333, 257, device="cuda", dtype=dtype, requires_grad=True)
-            b = torch.randn(5003, 257, device="cuda", dtype=dtype, requires_grad=True)
-            t = torch.randint(0, 5003, (333,), device="cuda")
+            h = torch.randn(333, 257, device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(5003, 257, device=device, dtype=dtype, requires_grad=True)
+            t = torch.randint(0, 5003, (333,), device=device)
             loss = distributed.similarity_cross_entropy(h, b, t, vocab_start=0, scale=20.0)
             gh, gb = torch.autograd.grad(loss, (h, b))
             ref = vs.similarity_cross_entropy(h, b, t, scale=20.0)
@@ -115,20 +154,27 @@ def nccl_check() -> dict:
             out[str(dtype)] = {"loss_diff": abs(float(loss) - float(ref)),
                                "grad_hidden_max_diff": float((gh.float() - rh.float()).abs().max()),
                                "grad_bases_max_diff": float((gb.float() - rb.float()).abs().max())}
-        dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001
         out["error"] = f"{type(exc).__name__}: {exc}"[:300]
-    print(f"[correctness] nccl: {out}", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"[correctness] {out['backend']}: {out}", flush=True)
     return out
 
 
 def timed(fn, *, warmup: int = 2, reps: int = 5) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events)."""
+    """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events; the wall clock in a rehearsal)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    MACHINE.sync()
     times = []
     for _ in range(reps):
+        if MACHINE.rehearse:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -139,12 +185,48 @@ def timed(fn, *, warmup: int = 2, reps: int = 5) -> float:
 
 
 def peak_mib(fn) -> float:
+    if MACHINE.rehearse:
+        fn()
+        return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+_COMPILED = {}
+
+
+def compiled_reference():
+    """``torch.compile`` of the reference loss, made once with dynamic shapes: later shapes reuse it."""
+    if "loss" not in _COMPILED:
+        from vocabsem_fast import reference
+
+        _COMPILED["loss"] = torch.compile(reference.similarity_cross_entropy, dynamic=True)
+    return _COMPILED["loss"]
+
+
+def warm_compile() -> dict:
+    """Compile the reference's two graphs (forward alone, forward and backward) on a small shape,
+    so that no benchmark times a compilation."""
+    start = time.time()
+    fn = compiled_reference()
+    try:
+        for n, v in ((37, 301), (53, 419)):  # a second shape: the dynamic graph is reused, not rebuilt
+            h = torch.randn(n, 64, device=MACHINE.device, requires_grad=True)
+            b = torch.randn(v, 64, device=MACHINE.device, requires_grad=True)
+            t = torch.randint(0, v, (n,), device=MACHINE.device)
+            with torch.no_grad():
+                fn(h, b, t, scale=1.0, normalize=False)
+            fn(h, b, t, scale=1.0, normalize=False).backward()
+        MACHINE.sync()
+        out = {"seconds": round(time.time() - start, 1)}
+    except Exception as exc:  # noqa: BLE001  (the benchmarks then record the compiled contender's error)
+        out = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    print(f"[compile] torch.compile of the reference: {out}", flush=True)
+    return out
 
 
 def contenders(normalize_ours: bool):
@@ -154,7 +236,7 @@ def contenders(normalize_ours: bool):
 
     out = {}
     out["reference"] = lambda h, b, t: reference.similarity_cross_entropy(h, b, t, scale=1.0, normalize=False)
-    compiled = torch.compile(reference.similarity_cross_entropy)
+    compiled = compiled_reference()
     out["compiled_reference"] = lambda h, b, t: compiled(h, b, t, scale=1.0, normalize=False)
     for impl in ("triton", "cuda"):
         reason = vs.backends.unavailable_reason(impl)
@@ -180,10 +262,11 @@ def contenders(normalize_ours: bool):
 
 
 def bench_cross_entropy(n: int, d: int, v: int, gemm_tflops: float, rows: list, normalize_ours: bool) -> None:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h = (torch.randn(n, d, device="cuda", generator=gen) * 0.05).bfloat16().requires_grad_(True)
-    b = (torch.randn(v, d, device="cuda", generator=gen) * 0.05).bfloat16().requires_grad_(True)
-    t = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    device = MACHINE.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    h = (torch.randn(n, d, device=device, generator=gen) * 0.05).bfloat16().requires_grad_(True)
+    b = (torch.randn(v, d, device=device, generator=gen) * 0.05).bfloat16().requires_grad_(True)
+    t = torch.randint(0, v, (n,), device=device, generator=gen)
     gemm_flop = 2.0 * n * d * v
     for name, fn in contenders(normalize_ours).items():
         row = {"shape": f"N={n} d={d} V={v}", "contender": name}
@@ -207,18 +290,18 @@ def bench_cross_entropy(n: int, d: int, v: int, gemm_tflops: float, rows: list, 
             row["fraction_of_gemm"] = row["tflops"] / gemm_tflops
         except Exception as exc:  # noqa: BLE001  (an out-of-memory reference is a result too)
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            torch.cuda.empty_cache()
+            MACHINE.empty_cache()
         rows.append(row)
         print(f"[bench] {row}", flush=True)
     h = b = t = None  # free the inputs before the next shape
-    torch.cuda.empty_cache()
+    MACHINE.empty_cache()
 
 
 def gemm_rate(n: int, d: int, v: int) -> float:
     """Measured bf16 TFLOP/s of the three GEMMs of a fused loss (N x d @ d x V and its two grads)."""
-    h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(n, d, device=MACHINE.device, dtype=torch.bfloat16)
+    b = torch.randn(v, d, device=MACHINE.device, dtype=torch.bfloat16)
+    g = torch.randn(n, v, device=MACHINE.device, dtype=torch.bfloat16)
 
     def three():
         h @ b.T
@@ -227,7 +310,7 @@ def gemm_rate(n: int, d: int, v: int) -> float:
 
     ms = timed(three)
     g = None  # free the (N, V) gradient stand-in
-    torch.cuda.empty_cache()
+    MACHINE.empty_cache()
     return 3 * 2.0 * n * d * v / ms / 1e9
 
 
@@ -237,10 +320,11 @@ def bench_decoding(rows: list) -> None:
     import vocabsem_fast as vs
     from vocabsem_fast import reference
 
-    b = torch.randn(128256, 4096, device="cuda", dtype=torch.bfloat16)
+    v, d = MACHINE.head
+    b = torch.randn(v, d, device=MACHINE.device, dtype=torch.bfloat16)
     for n in (1, 8, 64):
-        h = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
-        t = torch.randint(0, 128256, (n,), device="cuda")
+        h = torch.randn(n, d, device=MACHINE.device, dtype=torch.bfloat16)
+        t = torch.randint(0, v, (n,), device=MACHINE.device)
         cases = {"reference loss": lambda h=h, t=t: reference.similarity_cross_entropy(h, b, t, scale=20.0),
                  "reference top-1": lambda h=h: reference.similarity_topk(h, b, k=1, scale=20.0)}
         for impl in ("triton", "cuda"):
@@ -249,7 +333,7 @@ def bench_decoding(rows: list) -> None:
                     h, b, t, scale=20.0, impl=impl)
                 cases[f"{impl} top-1"] = lambda impl=impl, h=h: vs.similarity_topk(h, b, k=1, scale=20.0, impl=impl)
         for name, fn in cases.items():
-            op = f"decode N={n} d=4096 V=128256 bf16"
+            op = f"decode N={n} d={d} V={v} bf16"
             with torch.no_grad():
                 try:
                     rows.append({"op": op, "contender": name, "ms": timed(fn, reps=20)})
@@ -262,39 +346,47 @@ def bench_topk(rows: list) -> None:
     import vocabsem_fast as vs
     from vocabsem_fast import reference
 
-    h = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(128256, 4096, device="cuda", dtype=torch.bfloat16)
-    for name, fn in {"reference": lambda: reference.similarity_topk(h, b, k=5),
-                     "triton": lambda: vs.similarity_topk(h, b, k=5, impl="triton")}.items():
+    v, d = MACHINE.head
+    n = 8192 if not MACHINE.rehearse else 64
+    h = torch.randn(n, d, device=MACHINE.device, dtype=torch.bfloat16)
+    b = torch.randn(v, d, device=MACHINE.device, dtype=torch.bfloat16)
+    cases = {"reference": lambda: reference.similarity_topk(h, b, k=5)}
+    for impl in ("triton", "cuda"):
+        if vs.backends.unavailable_reason(impl) is None:
+            cases[impl] = lambda impl=impl: vs.similarity_topk(h, b, k=5, impl=impl)
+    for name, fn in cases.items():
+        op = f"topk k=5 N={n} d={d} V={v}"
         try:
-            rows.append({"op": "topk k=5 N=8192 d=4096 V=128256", "contender": name, "ms": timed(fn),
-                         "peak_mib": peak_mib(fn)})
+            rows.append({"op": op, "contender": name, "ms": timed(fn), "peak_mib": peak_mib(fn)})
         except Exception as exc:  # noqa: BLE001
-            rows.append({"op": "topk", "contender": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            rows.append({"op": op, "contender": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
         print(f"[bench] {rows[-1]}", flush=True)
 
 
 def bench_assignment(rows: list) -> None:
-    """Hard assignment of 1M points to 1024 centroids (d = 576) and 10 k-means iterations: the
-    fused backends against the materialising reference and, when it can be imported, faiss."""
+    """Hard assignment of 1M points to 1024 centroids (d = 576) and 10 k-means iterations on a
+    fifth of them (256 clusters): the fused backends against the materialising reference and,
+    when it can be imported, faiss."""
     import vocabsem_fast as vs
     from vocabsem_fast import reference
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    points = torch.randn(1_000_000, 576, device="cuda", generator=gen)
-    centroids = torch.randn(1024, 576, device="cuda", generator=gen)
+    n, k, d = MACHINE.assignment
+    gen = torch.Generator(device=MACHINE.device).manual_seed(0)
+    points = torch.randn(n, d, device=MACHINE.device, generator=gen)
+    centroids = torch.randn(k, d, device=MACHINE.device, generator=gen)
+    sample, clusters = n // 5, k // 4
     cases = {"reference": lambda: reference.assign(points, centroids, hard=True)}
     for impl in ("cuda", "triton"):
         if vs.backends.unavailable_reason(impl) is None:
             cases[impl] = lambda impl=impl: vs.assign(points, centroids, hard=True, impl=impl)
-            cases[f"kmeans10_{impl}"] = lambda impl=impl: vs.kmeans(points[:200_000], 256, iters=10, impl=impl)
-    cases["kmeans10_reference"] = lambda: reference.kmeans(points[:200_000], 256, iters=10)
+            cases[f"kmeans10_{impl}"] = lambda impl=impl: vs.kmeans(points[:sample], clusters, iters=10, impl=impl)
+    cases["kmeans10_reference"] = lambda: reference.kmeans(points[:sample], clusters, iters=10)
     try:
         import faiss  # noqa: PLC0415
 
-        if hasattr(faiss, "StandardGpuResources"):
+        if hasattr(faiss, "StandardGpuResources") and not MACHINE.rehearse:
             res = faiss.StandardGpuResources()
-            index = faiss.GpuIndexFlatIP(res, 576)
+            index = faiss.GpuIndexFlatIP(res, d)
             index.add(centroids.cpu().numpy())
             host = points.cpu().numpy()
             cases["faiss_gpu_flat_ip"] = lambda: index.search(host, 1)
@@ -303,7 +395,8 @@ def bench_assignment(rows: list) -> None:
     except ImportError as exc:
         rows.append({"op": "assignment", "contender": "faiss", "error": f"faiss unavailable ({exc})"})
     for name, fn in cases.items():
-        op = "kmeans 10 iters N=200000 K=256 d=576" if name.startswith("kmeans") else "hard assign N=1e6 K=1024 d=576"
+        op = (f"kmeans 10 iters N={sample} K={clusters} d={d}" if name.startswith("kmeans")
+              else f"hard assign N={n} K={k} d={d}")
         try:
             rows.append({"op": op, "contender": name, "ms": timed(fn, warmup=1, reps=3), "peak_mib": peak_mib(fn)})
         except Exception as exc:  # noqa: BLE001
@@ -312,54 +405,76 @@ def bench_assignment(rows: list) -> None:
 
 
 def main() -> int:
+    global MACHINE
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench/results/gpu-check.json"))
     parser.add_argument("--quick", action="store_true", help="one benchmark shape only")
     parser.add_argument("--cpu-suite", action="store_true", help="also run the CPU test suite on this machine")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="no GPU: every step on stand-ins (interpreter, gloo, tiny CPU shapes)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU here", file=sys.stderr)
+    MACHINE = Machine(args.rehearse)
+    if not args.rehearse and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU here (--rehearse runs the steps without one)", file=sys.stderr)
         return 2
-    import triton
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
 
     import vocabsem_fast as vs
+    from vocabsem_fast.backends import strips
 
-    result = {"machine": {"gpu": torch.cuda.get_device_name(), "python": platform.python_version(),
-                          "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                          "vocabsem_fast": vs.__version__, "backends": vs.available_backends()},
-              "command": " ".join(sys.argv)}
+    result = {"machine": {"gpu": torch.cuda.get_device_name() if not args.rehearse else "none (rehearsal)",
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "triton": triton_version, "cuda": torch.version.cuda,
+                          "vocabsem_fast": vs.__version__, "backends": vs.available_backends(),
+                          "build": os.environ.get("VOCABSEM_GPU_CHECK_BUILD", "not through gpu_check.sh")},
+              "command": " ".join(sys.argv), "steps": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():  # after every step: a run stopped by its time limit keeps what it measured
+        result["gemm_paths"] = dict(strips.GEMM_PATHS)
         out.write_text(json.dumps(result, indent=2) + "\n")
 
-    result["correctness"] = correctness(args.cpu_suite)
-    save()
-    result["nccl"] = nccl_check()
-    save()
-    shapes = [(8192, 4096, 128256)] if args.quick else [(8192, 4096, 128256), (2048, 576, 49152),
-                                                        (8192, 2304, 256000), (16384, 4096, 128256)]
+    @contextlib.contextmanager
+    def step(name):
+        start = time.time()
+        yield
+        result["steps"][name] = round(time.time() - start, 1)
+        save()
+
+    with step("correctness"):
+        result["correctness"] = correctness(args.cpu_suite)
+    with step("nccl"):
+        result["nccl"] = nccl_check()
+    with step("compile"):
+        result["compile"] = warm_compile()
+    shapes = MACHINE.shapes[:1] if args.quick else MACHINE.shapes
     rows: list = []
     result["gemm_tflops"], result["cross_entropy"], result["skipped"] = {}, rows, []
     for n, d, v in shapes:
-        if not BUDGET.allows(90):
+        if not BUDGET.allows(90 if not args.rehearse else 5):
             result["skipped"].append(f"cross-entropy N={n} d={d} V={v}: time budget")
             continue
-        rate = gemm_rate(n, d, v)
-        result["gemm_tflops"][f"N={n} d={d} V={v}"] = rate
-        print(f"[bench] GEMM N={n} d={d} V={v}: {rate:.0f} TFLOP/s", flush=True)
-        bench_cross_entropy(n, d, v, rate, rows, normalize_ours=(n, d, v) == shapes[0])
-        save()
+        with step(f"cross-entropy N={n} d={d} V={v}"):
+            rate = gemm_rate(n, d, v)
+            result["gemm_tflops"][f"N={n} d={d} V={v}"] = rate
+            print(f"[bench] GEMM N={n} d={d} V={v}: {rate:.0f} TFLOP/s", flush=True)
+            bench_cross_entropy(n, d, v, rate, rows, normalize_ours=(n, d, v) == shapes[0])
     topk_rows: list = []
     result["topk_and_assignment"] = topk_rows
-    for name, step, seconds in (("decoding", bench_decoding, 30), ("top-k", bench_topk, 30),
-                                ("assignment", bench_assignment, 60)):
-        if BUDGET.allows(seconds):
-            step(topk_rows)
+    for name, bench, seconds in (("decoding", bench_decoding, 30), ("top-k", bench_topk, 30),
+                                 ("assignment", bench_assignment, 60)):
+        if BUDGET.allows(seconds if not args.rehearse else 5):
+            with step(name):
+                bench(topk_rows)
         else:
             result["skipped"].append(f"{name}: time budget")
-        save()
+    save()
     print(f"\n{'shape':<24} {'contender':<22} {'fwd ms':>8} {'bwd ms':>8} {'both ms':>8} {'TFLOP/s':>8} "
           f"{'of GEMM':>7} {'peak MiB':>9}")
     for r in rows:
@@ -372,6 +487,8 @@ def main() -> int:
     for r in topk_rows:
         print(f"{r['op']:<40} {r['contender']:<22} " + (f"{r['ms']:>9.2f} ms" if "ms" in r else r["error"][:60]))
     failed = [name for name, run in result["correctness"].items() if run["returncode"] != 0]
+    print(f"GEMM paths of the GPU strips: {result['gemm_paths'] or 'none ran'}")
+    print("step seconds: " + ", ".join(f"{name} {sec}" for name, sec in result["steps"].items()))
     for line in result["skipped"]:
         print(f"skipped {line}")
     print(f"\ncorrectness: {'FAILED ' + ', '.join(failed) if failed else 'all passed'}; wrote {args.out}")
