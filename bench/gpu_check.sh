@@ -12,9 +12,9 @@
 #
 #   bash bench/gpu_check.sh [--quick]     on the GPU machine
 #   bash bench/gpu_check.sh --rehearse    without a GPU: every step runs, the build's CUDA attempt
-#                                         fails on purpose (the fallback runs), the GPU tests run
-#                                         under the Triton interpreter and the benchmarks on tiny
-#                                         CPU shapes
+#                                         fails on purpose (the fallback runs), the GPU tests and
+#                                         the benchmarks (tiny CPU shapes) run the Triton kernels
+#                                         under its interpreter
 # Writes gpu-check.json and one log per step (gpu-check-*.log) to $OUT, or bench/results.
 # VOCABSEM_GPU_CHECK_SECONDS: the whole run's budget (default 480).
 set -uo pipefail
@@ -112,7 +112,10 @@ say "package: built $built"
 # --- 3. tests and benchmarks ------------------------------------------------------------------
 export VOCABSEM_GPU_CHECK_SECONDS=$(($(left) - 10))
 export VOCABSEM_GPU_CHECK_BUILD="$built"
-((rehearse)) && check_args+=(--rehearse)
+if ((rehearse)); then
+  check_args+=(--rehearse)
+  export TRITON_INTERPRET=1  # the Triton backend's launchers and kernels run too, on the CPU
+fi
 log="$results/gpu-check-run.log"
 timeout $(($(left) - 5)) "$PY" -u bench/library/gpu_check.py --out "$results/gpu-check.json" "${check_args[@]}" 2>&1 |
   tee "$log"

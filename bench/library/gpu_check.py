@@ -4,9 +4,10 @@ Run on a CUDA machine after ``bench/gpu_check.sh`` has built the package (it cal
 
     python bench/library/gpu_check.py --out bench/results/gpu-check.json [--quick]
 
-``--rehearse`` runs every step without a GPU, as ``bench/gpu_check.sh --rehearse`` does: the GPU
-tests under the Triton interpreter, NCCL's step on gloo, the benchmarks on tiny CPU shapes (their
-figures mean nothing; the run shows that each step starts, ends and reports within its budget).
+``--rehearse`` runs every step without a GPU, as ``bench/gpu_check.sh --rehearse`` does (with
+``TRITON_INTERPRET=1``): the GPU tests and the Triton kernels under the interpreter, NCCL's step
+on gloo, the benchmarks on tiny CPU shapes (their figures mean nothing; the run shows that each
+step starts, ends and reports within its budget).
 
 1. Correctness: ``tests/library/gpu_backend_cases.py`` on the GPU for the triton and cuda backends
    (fp32, bf16 and fp16, odd shapes, reductions, label smoothing, gradients, few rows over many
