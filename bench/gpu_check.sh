@@ -3,7 +3,7 @@
 # budget, reports itself, and shows the tail of its log when it fails; a failed step never ends
 # the run: the next one still runs with what there is.
 #
-#   1. carried wheels (.whl/*.whl beside the checkout: liger-kernel, cut-cross-entropy, ...)
+#   1. carried wheels (.whl/*.whl beside the checkout, fetched by bench/fetch_gpu_wheels.sh)
 #      installed into /tmp/site; the tools the steps need (pytest, ninja) checked
 #   2. the package built for the one GPU architecture present, the CUDA extension when nvcc and
 #      torch's CUDA agree; if that build fails, again without CUDA (the Triton backend is still

@@ -149,28 +149,43 @@ def check_reduction(reduction) -> str:
 
 
 def debug_checks_enabled() -> bool:
-    """``VOCABSEM_DEBUG=1``: the checks that read data on an accelerator run on the host (a sync
-    each) and name what they found, and the cross-rank consistency check is on by default."""
+    """``VOCABSEM_DEBUG=1``: data checks always run on the host and name what they found (over
+    ``VOCABSEM_SYNC_FREE``), and the cross-rank consistency check is on by default."""
     return os.environ.get("VOCABSEM_DEBUG", "0") not in ("", "0")
+
+
+def sync_free_requested() -> bool:
+    """``VOCABSEM_SYNC_FREE=1``: the ops never wait for the device to check data; the target range
+    becomes an assertion on the device (it fails at the stream's next sync, as a CUDA error)."""
+    return os.environ.get("VOCABSEM_SYNC_FREE", "0") not in ("", "0")
 
 
 def host_reads_are_free(x: Tensor) -> bool:
     """Whether reading ``x``'s values on the host costs only the read: on the CPU. On an
-    accelerator it waits for every queued kernel and breaks CUDA-graph capture, so the ops never
-    do it there (the tests count such reads with this answering False)."""
+    accelerator it waits for every queued kernel (the tests count such reads with this answering
+    False)."""
     return x.device.type == "cpu"
 
 
+def _capturing(x: Tensor) -> bool:
+    """A CUDA graph is being captured on the current stream (``torch.compile(mode="reduce-overhead")``,
+    ``torch.cuda.graph``): a host read would break the capture."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def check_target_range(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Data-dependent: every target is ignore_index or in [0, V). Runs inside the ops: on the host
-    where that is free (or with ``VOCABSEM_DEBUG=1``), as a ``ValueError`` naming the first bad
-    target; elsewhere as an assertion on the device, which the host learns of at its next sync."""
+    """Data-dependent: every target is ignore_index or in [0, V). Runs inside the ops, as a
+    ``ValueError`` naming the first bad target: free on the CPU, one small host read on a GPU.
+    Where that read must not happen (a CUDA graph being captured, or ``VOCABSEM_SYNC_FREE=1``
+    without ``VOCABSEM_DEBUG=1``) it is an assertion on the device instead."""
     if targets.numel() == 0:
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     rule = f"targets must lie in [0, V={vocab_size}) or equal ignore_index={ignore_index}"
-    if not (host_reads_are_free(targets) or debug_checks_enabled()):
-        torch._assert_async(~bad.any(), f"{rule} (VOCABSEM_DEBUG=1 names the value on the host)")
+    on_device = not host_reads_are_free(targets) and not debug_checks_enabled() and (
+        sync_free_requested() or _capturing(targets))
+    if on_device:
+        torch._assert_async(~bad.any(), f"{rule} (VOCABSEM_DEBUG=1 checks on the host and names the value)")
         return
     if bool(bad.any()):
         first = targets[bad][0].item()

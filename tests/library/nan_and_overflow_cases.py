@@ -98,7 +98,7 @@ def check_infinite_entries(impl: str, device: str) -> None:
     for case, (h0, b0) in {"hidden rows": (hidden, bases), "a basis": (hidden.nan_to_num(posinf=1.0, neginf=-1.0),
                                                                        _with(bases, (20, 5), float("-inf")))}.items():
         got, want = {}, {}
-        for name, out, fn in (("fused", got, lambda x, y: vf.similarity_cross_entropy(
+        for _name, out, fn in (("fused", got, lambda x, y: vf.similarity_cross_entropy(
                 x, y, targets.to(device), scale=5.0, reduction="none", impl=impl)),
                 ("reference", want, lambda x, y: ref.similarity_cross_entropy(x, y, targets.to(device), scale=5.0,
                                                                              reduction="none"))):

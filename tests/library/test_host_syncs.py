@@ -1,8 +1,10 @@
 """No op reads tensor data on the host off the CPU: such a read waits for every queued kernel and
 breaks CUDA-graph capture (``torch.compile(mode="reduce-overhead")``).
 
-On a CUDA machine ``torch.cuda.set_sync_debug_mode("error")`` turns every synchronising call into
-an error (``test_no_host_sync_on_the_gpu``). On the CPU the same paths run with
+The one read the contract costs, the target-range check's ``ValueError`` on a GPU, is left out
+with ``VOCABSEM_SYNC_FREE=1`` and during CUDA-graph capture (a device assertion instead): the
+tests run with it set. On a CUDA machine ``torch.cuda.set_sync_debug_mode("error")`` turns every
+synchronising call into an error (``test_no_host_sync_on_the_gpu``). On the CPU the same paths run with
 ``host_reads_are_free`` answering False (what it answers off the CPU) while every read of a
 tensor's values on the host is counted: ``bool()``, ``item()``, ``int()`` / ``float()``,
 ``tolist()``, ``nonzero()``, ``numpy()`` and indexing by a boolean mask. The torch backend runs
@@ -96,6 +98,7 @@ class _KernelsUnobserved:
 @pytest.fixture
 def host_reads(monkeypatch):
     monkeypatch.delenv("VOCABSEM_DEBUG", raising=False)
+    monkeypatch.setenv("VOCABSEM_SYNC_FREE", "1")  # the target check's host read is then off too
     return HostReads(monkeypatch)
 
 
@@ -126,13 +129,35 @@ def test_cross_entropy_reads_nothing_on_the_host(host_reads, case):
 
 
 def test_bad_targets_are_still_caught_off_the_host(host_reads):
-    """Off the CPU the range check is an assertion on the device: it still fails (here, where
-    the device is the CPU, at once)."""
+    """Sync-free, the range check is an assertion on the device: it still fails (here, where the
+    device is the CPU, at once)."""
     h, b = make(5, 8), make(40, 8)
     targets = torch.tensor([0, 1, 40, 2, 3])
     with host_reads.counting(), pytest.raises(RuntimeError, match="targets must lie in"):
         vs.similarity_cross_entropy(h, b, targets, impl="torch")
     assert host_reads.seen == []
+
+
+@pytest.mark.parametrize("setting", ["default", "debug", "capturing"])
+def test_the_target_check_off_the_cpu(host_reads, monkeypatch, setting):
+    """By default (and with VOCABSEM_DEBUG=1 over VOCABSEM_SYNC_FREE) a GPU call keeps the
+    contract's ValueError at the cost of one host read; while a CUDA graph is captured it is a
+    device assertion, with no read."""
+    if setting == "default":
+        monkeypatch.delenv("VOCABSEM_SYNC_FREE")
+    elif setting == "debug":
+        monkeypatch.setenv("VOCABSEM_DEBUG", "1")
+    else:
+        monkeypatch.delenv("VOCABSEM_SYNC_FREE")
+        monkeypatch.setattr(_validation, "_capturing", lambda x: True)
+    h, b = make(5, 8), make(40, 8)
+    with host_reads.counting():
+        vs.similarity_cross_entropy(h, b, torch.tensor([0, 1, 39, 2, -100]), impl="torch")
+        reads = list(host_reads.seen)
+        error = RuntimeError if setting == "capturing" else ValueError
+        with pytest.raises(error, match="targets must lie in"):
+            vs.similarity_cross_entropy(h, b, torch.tensor([0, 1, 40, 2, 3]), impl="torch")
+    assert reads == ([] if setting == "capturing" else ["__bool__"])
 
 
 def test_similarity_ops_read_nothing_on_the_host(host_reads):
@@ -174,8 +199,10 @@ def test_the_counter_sees_host_reads(host_reads):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU stand-in runs above)")
 @pytest.mark.parametrize("impl", [i for i in ("torch", "triton", "cuda")])
-def test_no_host_sync_on_the_gpu(impl):
+def test_no_host_sync_on_the_gpu(impl, monkeypatch):
     from vocabsem_fast import backends
+
+    monkeypatch.setenv("VOCABSEM_SYNC_FREE", "1")
 
     if backends.unavailable_reason(impl) is not None:
         pytest.skip(f"{impl} backend not available: {backends.unavailable_reason(impl)}")
@@ -192,3 +219,30 @@ def test_no_host_sync_on_the_gpu(impl):
         vs.assign(points, centroids, temperature=0.5, impl=impl)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
+def test_the_loss_is_captured_in_a_cuda_graph(impl, monkeypatch):
+    """Default settings: inside a capture the target check turns into a device assertion, so the
+    loss (forward, no gradients) records into a CUDA graph and its replay matches an eager call."""
+    from vocabsem_fast import backends
+
+    if backends.unavailable_reason(impl) is not None:
+        pytest.skip(f"{impl} backend not available: {backends.unavailable_reason(impl)}")
+    monkeypatch.delenv("VOCABSEM_SYNC_FREE", raising=False)
+    h, b = make(29, 64).cuda(), make(1001, 64).cuda()
+    targets = make_targets((29,), 1001).cuda()
+    with torch.no_grad():
+        expected = vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl=impl)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph asks
+            vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl=impl)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = vs.similarity_cross_entropy(h, b, targets, scale=20.0, impl=impl)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected, rtol=1e-5, atol=1e-5)
