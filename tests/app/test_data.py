@@ -130,3 +130,49 @@ def test_a_single_class_test_split_counts_as_unlabelled(tmp_path):
     data.train.append(Example({"sentence": "meh"}, "0"))  # train has two classes, test only "0"
     assert not data.test_labelled
     assert data.with_labelled_test(seed=0).test_labelled
+
+
+def _labelled(counts: dict[str, int]) -> list[Example]:
+    return [Example({"sentence": f"{label} text {i}"}, label) for label, n in counts.items() for i in range(n)]
+
+
+def test_per_class_subset_takes_that_many_of_every_class():
+    from vocabsem_fast.app.data import per_class_subset
+
+    examples = _labelled({"a": 30, "b": 12, "c": 50})
+    subset = per_class_subset(examples, 8, seed=1)
+    assert Counter(e.label for e in subset) == {"a": 8, "b": 8, "c": 8}
+    assert len({e.fields["sentence"] for e in subset}) == 24
+    assert per_class_subset(examples, 8, seed=1) == subset and per_class_subset(examples, 8, seed=2) != subset
+    with pytest.raises(ValueError, match="fewer examples"):
+        per_class_subset(examples, 13, seed=0)
+    with pytest.raises(ValueError, match="per_class"):
+        per_class_subset(examples, 0, seed=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_skewed_subset_gives_one_class_four_times_the_others(seed):
+    from vocabsem_fast.app.data import skewed_subset
+
+    examples = _labelled({"neg": 200, "neu": 180, "pos": 300})  # each could lead 4 x 42
+    subset = skewed_subset(examples, 256, seed)
+    counts = Counter(e.label for e in subset)
+    majority = ["neg", "neu", "pos"][seed]  # turns with the seed
+    others = [n for label, n in counts.items() if label != majority]
+    assert counts[majority] == 4 * others[0] and len(set(others)) == 1 and len(subset) <= 256
+    assert len(subset) == 6 * (256 // 6)
+    assert len({e.fields["sentence"] for e in subset}) == len(subset)
+
+
+def test_skewed_subset_shrinks_to_the_smallest_class_and_refuses_the_impossible():
+    from vocabsem_fast.app.data import skewed_subset
+
+    examples = _labelled({"a": 100, "b": 5})
+    counts = Counter(e.label for e in skewed_subset(examples, 256, seed=0))
+    assert counts == {"a": 20, "b": 5}
+    counts = Counter(e.label for e in skewed_subset(examples, 256, seed=1))  # "b" the majority: 5 // 4 = 1
+    assert counts == {"a": 1, "b": 4}
+    with pytest.raises(ValueError, match="no example"):
+        skewed_subset(examples, 4, seed=0)
+    with pytest.raises(ValueError, match="two classes"):
+        skewed_subset(_labelled({"a": 9}), 5, seed=0)

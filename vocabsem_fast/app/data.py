@@ -85,9 +85,7 @@ def stratified_subset(examples: list[Example], limit: int | None, seed: int) -> 
         chosen = list(examples)
         rng.shuffle(chosen)
         return chosen
-    by_class: dict[str, list[Example]] = defaultdict(list)
-    for example in examples:
-        by_class[str(example.label)].append(example)
+    by_class = _by_class(examples)
     labels = sorted(by_class)
     quotas = {label: limit * len(by_class[label]) / len(examples) for label in labels}
     counts = {label: int(quotas[label]) for label in labels}
@@ -102,13 +100,59 @@ def stratified_subset(examples: list[Example], limit: int | None, seed: int) -> 
     while sum(counts.values()) > limit:  # the at-least-one rule overshot: trim the largest
         largest = max(labels, key=lambda lab: (counts[lab], lab))
         counts[largest] -= 1
+    return _draw(by_class, counts, rng)
+
+
+def _by_class(examples: list[Example]) -> dict[str, list[Example]]:
+    by_class: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_class[str(example.label)].append(example)
+    return by_class
+
+
+def _draw(by_class: dict[str, list[Example]], counts: dict[str, int], rng: random.Random) -> list[Example]:
     chosen = []
-    for label in labels:
+    for label in sorted(counts):
         pool = list(by_class[label])
         rng.shuffle(pool)
         chosen.extend(pool[: counts[label]])
     rng.shuffle(chosen)
     return chosen
+
+
+def per_class_subset(examples: list[Example], per_class: int, seed: int) -> list[Example]:
+    """``per_class`` examples of every class (a few-shot training set: learning curves at 8, 16,
+    64 per class), seeded and shuffled; ``ValueError`` where a class has fewer."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    by_class = _by_class(examples)
+    short = {label: len(pool) for label, pool in by_class.items() if len(pool) < per_class}
+    if short:
+        raise ValueError(f"per_class={per_class}: these classes have fewer examples: {short}")
+    return _draw(by_class, {label: per_class for label in by_class}, random.Random(seed))
+
+
+def skewed_subset(examples: list[Example], limit: int, seed: int, *, ratio: int = 4) -> list[Example]:
+    """At most ``limit`` examples in which one class has ``ratio`` times the examples of each other
+    class (a training set whose balance differs from the test's). The majority class turns with
+    the seed (sorted labels, ``seed % classes``), so three seeds favour three classes; the counts
+    keep the ratio exactly, shrinking where a class has too few examples."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"ratio must be a positive int, got {ratio!r}")
+    by_class = _by_class(examples)
+    labels = sorted(by_class)
+    if len(labels) < 2:
+        raise ValueError("a skewed subset needs at least two classes")
+    majority = labels[seed % len(labels)]
+    minority = min(len(by_class[label]) for label in labels if label != majority)
+    per_other = min(limit // (ratio + len(labels) - 1), minority, len(by_class[majority]) // ratio)
+    if per_other < 1:
+        raise ValueError(f"limit={limit} and ratio={ratio} leave no example for some class of {len(labels)}")
+    counts = {label: per_other for label in labels}
+    counts[majority] = ratio * per_other
+    return _draw(by_class, counts, random.Random(seed))
 
 
 def _read_jsonl(path: Path, fields: tuple[str, ...], labels: dict[str, str]) -> list[Example]:
