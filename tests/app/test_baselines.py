@@ -172,3 +172,16 @@ def test_bad_baseline_options():
         KNNPrompting(k=0)
     with pytest.raises(ValueError, match="kind"):
         AdapterTuning("prefix")
+
+
+def test_task_training_subsets_by_sampling():
+    from collections import Counter
+
+    assert Counter(e.label for e in tiny_task(n_train=40, train_limit=6, train_sampling="per_class").train) == \
+        {"pos": 6, "neg": 6}
+    skewed = Counter(e.label for e in tiny_task(n_train=40, train_limit=15, train_sampling="skewed").train)
+    assert sorted(skewed.values()) == [3, 12]
+    with pytest.raises(ValueError, match="train_sampling must be one of"):
+        tiny_task(train_limit=6, train_sampling="balanced")
+    with pytest.raises(ValueError, match="needs a train_limit"):
+        tiny_task(train_sampling="skewed")

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..bases import SemanticBasis, word_token_ids
-from .data import ClassificationData, Example
+from .data import ClassificationData, Example, per_class_subset, skewed_subset
 from .representations import Representations, extract
+
+TRAIN_SAMPLINGS = ("stratified", "per_class", "skewed")
 
 
 def first_token_ids(tokenizer, words: list[str]) -> Tensor:
@@ -50,6 +52,10 @@ class Task:
     train_limit: int | None = None
     test_limit: int | None = None
     seed: int = 0
+    # how the training subset is drawn: "stratified" (train_limit in the split's proportions),
+    # "per_class" (train_limit examples of every class), "skewed" (at most train_limit, one class
+    # four times each other; data.skewed_subset)
+    train_sampling: str = "stratified"
     batch_size: int = 16
     use_cache: bool = True
     progress: bool = True
@@ -60,8 +66,19 @@ class Task:
     def __post_init__(self):
         self.holdout = not self.data.test_labelled
         self.labelled = self.data.with_labelled_test(self.seed)
-        self.train: list[Example] = self.labelled.subset("train", self.train_limit, self.seed)
+        self.train: list[Example] = self._training_subset()
         self.test: list[Example] = self.labelled.subset("test", self.test_limit, self.seed)
+
+    def _training_subset(self) -> list[Example]:
+        if self.train_sampling == "stratified":
+            return self.labelled.subset("train", self.train_limit, self.seed)
+        if self.train_sampling not in TRAIN_SAMPLINGS:
+            raise ValueError(f"train_sampling must be one of {TRAIN_SAMPLINGS}, got {self.train_sampling!r}")
+        if self.train_limit is None:
+            raise ValueError(f"train_sampling={self.train_sampling!r} needs a train_limit")
+        if self.train_sampling == "per_class":
+            return per_class_subset(self.labelled.train, self.train_limit, self.seed)
+        return skewed_subset(self.labelled.train, self.train_limit, self.seed)
 
     @property
     def words(self) -> list[str]:
