@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -86,6 +87,7 @@ class Machine:
         self.shapes = [(64, 32, 1000), (16, 24, 777)] if rehearse else [
             (8192, 4096, 128256), (2048, 576, 49152), (8192, 2304, 256000), (16384, 4096, 128256)]
         self.head = (1001, 32) if rehearse else (128256, 4096)
+        self.topk_rows = 64 if rehearse else 8192
         self.assignment = (5000, 64, 24) if rehearse else (1_000_000, 1024, 576)
 
     def sync(self) -> None:
@@ -197,16 +199,12 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-_COMPILED = {}
-
-
+@functools.cache
 def compiled_reference():
     """``torch.compile`` of the reference loss, made once with dynamic shapes: later shapes reuse it."""
-    if "loss" not in _COMPILED:
-        from vocabsem_fast import reference
+    from vocabsem_fast import reference
 
-        _COMPILED["loss"] = torch.compile(reference.similarity_cross_entropy, dynamic=True)
-    return _COMPILED["loss"]
+    return torch.compile(reference.similarity_cross_entropy, dynamic=True)
 
 
 def warm_compile() -> dict:
@@ -315,6 +313,16 @@ def gemm_rate(n: int, d: int, v: int) -> float:
     return 3 * 2.0 * n * d * v / ms / 1e9
 
 
+def _record(rows: list, op: str, name: str, measure) -> None:
+    """One timed case: ``measure()``'s fields, or the error that stopped it (an out-of-memory
+    contender is a result too)."""
+    try:
+        rows.append({"op": op, "contender": name, **measure()})
+    except Exception as exc:  # noqa: BLE001
+        rows.append({"op": op, "contender": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+    print(f"[bench] {rows[-1]}", flush=True)
+
+
 def bench_decoding(rows: list) -> None:
     """Decoding and scoring shapes: the loss forward without gradients and the top-1 (greedy
     decoding) of N = 1, 8, 64 rows against the Llama-3 head, every fused backend and the reference."""
@@ -334,13 +342,8 @@ def bench_decoding(rows: list) -> None:
                     h, b, t, scale=20.0, impl=impl)
                 cases[f"{impl} top-1"] = lambda impl=impl, h=h: vs.similarity_topk(h, b, k=1, scale=20.0, impl=impl)
         for name, fn in cases.items():
-            op = f"decode N={n} d={d} V={v} bf16"
             with torch.no_grad():
-                try:
-                    rows.append({"op": op, "contender": name, "ms": timed(fn, reps=20)})
-                except Exception as exc:  # noqa: BLE001
-                    rows.append({"op": op, "contender": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
-            print(f"[bench] {rows[-1]}", flush=True)
+                _record(rows, f"decode N={n} d={d} V={v} bf16", name, lambda fn=fn: {"ms": timed(fn, reps=20)})
 
 
 def bench_topk(rows: list) -> None:
@@ -348,7 +351,7 @@ def bench_topk(rows: list) -> None:
     from vocabsem_fast import reference
 
     v, d = MACHINE.head
-    n = 8192 if not MACHINE.rehearse else 64
+    n = MACHINE.topk_rows
     h = torch.randn(n, d, device=MACHINE.device, dtype=torch.bfloat16)
     b = torch.randn(v, d, device=MACHINE.device, dtype=torch.bfloat16)
     cases = {"reference": lambda: reference.similarity_topk(h, b, k=5)}
@@ -356,12 +359,7 @@ def bench_topk(rows: list) -> None:
         if vs.backends.unavailable_reason(impl) is None:
             cases[impl] = lambda impl=impl: vs.similarity_topk(h, b, k=5, impl=impl)
     for name, fn in cases.items():
-        op = f"topk k=5 N={n} d={d} V={v}"
-        try:
-            rows.append({"op": op, "contender": name, "ms": timed(fn), "peak_mib": peak_mib(fn)})
-        except Exception as exc:  # noqa: BLE001
-            rows.append({"op": op, "contender": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
-        print(f"[bench] {rows[-1]}", flush=True)
+        _record(rows, f"topk k=5 N={n} d={d} V={v}", name, lambda fn=fn: {"ms": timed(fn), "peak_mib": peak_mib(fn)})
 
 
 def bench_assignment(rows: list) -> None:
@@ -398,11 +396,7 @@ def bench_assignment(rows: list) -> None:
     for name, fn in cases.items():
         op = (f"kmeans 10 iters N={sample} K={clusters} d={d}" if name.startswith("kmeans")
               else f"hard assign N={n} K={k} d={d}")
-        try:
-            rows.append({"op": op, "contender": name, "ms": timed(fn, warmup=1, reps=3), "peak_mib": peak_mib(fn)})
-        except Exception as exc:  # noqa: BLE001
-            rows.append({"op": op, "contender": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
-        print(f"[bench] {rows[-1]}", flush=True)
+        _record(rows, op, name, lambda fn=fn: {"ms": timed(fn, warmup=1, reps=3), "peak_mib": peak_mib(fn)})
 
 
 def main() -> int:

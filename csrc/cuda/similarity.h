@@ -58,8 +58,8 @@ cudaError_t normalization_backward(const void* x, DType dtype, const float* inv,
 // (a zero scale factor cannot bring back an entry already taken). k <= kMaxTopK.
 constexpr int kMaxTopK = 64;
 cudaError_t topk_partial(const float* scores, int64_t rows, int64_t cols, int64_t ld, float scale,
-                         const float* row_inv, const float* col_inv, int64_t k, int64_t splits, float* values, int64_t* indices,
-                         cudaStream_t stream);
+                         const float* row_inv, const float* col_inv, int64_t k, int64_t splits, float* values,
+                         int64_t* indices, cudaStream_t stream);
 
 // Batched soft assignment, fused: probs[b, n, :] = softmax_k(scale * cos(points[b, n], centroids[b, k]))
 // (dot products when the inverse norms are null), for k <= kMaxSoftAssignK.

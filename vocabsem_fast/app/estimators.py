@@ -52,9 +52,10 @@ def _fields(config_cls) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls) if f.name != "seed"]
 
 
-def _config(method_cls, config_cls, options: dict, seed: int, renamed: dict | None = None):
-    """``config_cls(**options, seed=seed)``, an unknown option named with the method's valid ones."""
-    renamed = renamed or {}
+def _config(method_cls, config_cls, options: dict, seed: int):
+    """``config_cls(**options, seed=seed)`` (options the method renames under their field names),
+    an unknown option named with the method's valid ones."""
+    renamed = getattr(method_cls, "RENAMED", {})
     known = method_cls.option_names()
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -133,7 +134,7 @@ class VDS(ZeroShot):
         self.nproc = options.pop("nproc", 1)  # > 1: data-parallel training over local processes
         if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
             raise ValueError(f"nproc must be a positive int, got {self.nproc!r}")
-        self.config = _config(VDS, FitConfig, options, seed, self.RENAMED)
+        self.config = _config(VDS, FitConfig, options, seed)
         self.classifier: VDSClassifier | None = None
 
     def fit(self, features: Features, labels: Tensor, vocabulary: Vocabulary | None, progress: bool) -> None:

@@ -192,12 +192,11 @@ def _topk_kernel(h_ptr, b_ptr, inv_h_ptr, inv_b_ptr, val_ptr, idx_ptr, N, V, D, 
 
 
 @triton.jit
-def _epilogue_logits(raw, row_scale, col_scale_ptr, cols, mask, COL_SCALE: tl.constexpr):
+def _epilogue_logits(raw, row_scale, col_scale, COL_SCALE: tl.constexpr):
     """Raw strip scores times their row and column scales; a zero scale (an overflowed norm)
     gives 0 whatever the raw score, as in ``_scaled``."""
     z = tl.where(row_scale == 0, 0.0, raw * row_scale)
     if COL_SCALE:
-        col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
         z = tl.where(col_scale == 0, 0.0, z * col_scale)
     return z
 
@@ -220,7 +219,10 @@ def _strip_epilogue_kernel(s_ptr, ld, row_scale_ptr, col_scale_ptr, t_ptr, w_ptr
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        z = _epilogue_logits(tl.load(base + cols, mask=mask, other=0.0), rs, col_scale_ptr, cols, mask, COL_SCALE)
+        col_scale = 1.0
+        if COL_SCALE:
+            col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        z = _epilogue_logits(tl.load(base + cols, mask=mask, other=0.0), rs, col_scale, COL_SCALE)
         lane_target += tl.where(cols == target, z, 0.0)
         if SMOOTH:
             lane_logits += tl.where(mask, z, 0.0)
@@ -242,11 +244,10 @@ def _strip_epilogue_kernel(s_ptr, ld, row_scale_ptr, col_scale_ptr, t_ptr, w_ptr
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = cols < V
-            z = _epilogue_logits(tl.load(base + cols, mask=mask, other=0.0), rs, col_scale_ptr, cols, mask,
-                                 COL_SCALE)
             col_scale = 1.0
             if COL_SCALE:
                 col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+            z = _epilogue_logits(tl.load(base + cols, mask=mask, other=0.0), rs, col_scale, COL_SCALE)
             g = tl.exp(z - lse) - smoothing / V
             g -= tl.where(cols == target, 1.0 - smoothing, 0.0)
             g = tl.where(w == 0.0, 0.0, g * w * col_scale)  # a zero weight (ignored row) gives zeros, NaN or not
